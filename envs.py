@@ -136,10 +136,10 @@ class TinyWorld:
         else:
             things = [o for o, p in self.where.items() if p == self.here]
             seen = f"you see {', '.join(things)}." if things else "you see nothing."
-        hold = f"you hold {self.hand}." if self.hand else "your hand is empty."
+        hold = f"hand: {self.hand or 'empty'}."
         o, p = self._next_goal()
         at = "in hand" if self.hand == o else f"at {self.where[o]}"
-        return f"you are at {self.here}. {seen} {hold} next: {o} {at} to {p}. actions: {', '.join(self.admissible())}."
+        return f"at {self.here}. {seen} {hold} next: {o} {at} to {p}. actions: {', '.join(self.admissible())}."
 
     def step(self, action: str) -> Step:
         if action not in self.admissible():

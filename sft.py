@@ -1,0 +1,196 @@
+"""Supervised fine-tuning on demonstrations, and the tiny models of the CPU demo.
+
+SFT (next-token NLL on the assistant tokens of successful demonstrations) is one of the paper's baselines. Here it
+also makes the CPU demo's models, offline: a byte-level BPE tokenizer trained on TinyWorld text with a ChatML
+template (the Qwen format), a tiny Qwen2 teacher trained to competence on expert demonstrations with injected
+mistakes (so it also knows how to recover from states the expert never visits), and a weaker tiny student trained
+briefly on clean demonstrations only. Both are ordinary Hugging Face checkpoints and go through exactly the code
+path a 7B model does. Demonstration streams are built with tcod.Chat, the same token layout rollouts produce.
+
+    python sft.py                       # build (or rebuild with --force) the tiny models under runs/tiny
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+
+import torch
+import tyro
+from tqdm import tqdm
+
+import kl
+from envs import TinyWorld, first_prompt, format_reply, turn_prompt
+
+TINY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs", "tiny")
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@dataclass
+class Args:
+    force: bool = False
+    """rebuild the tiny tokenizer and models even if they exist"""
+    out: str = TINY_DIR
+    """where the tiny tokenizer and models go"""
+    seed: int = 0
+    """seeds the demonstrations, the initialization and the data order"""
+    teacher_steps: int = 400
+    """SFT steps for the tiny teacher"""
+    student_steps: int = 80
+    """SFT steps for the tiny student (few, so that it starts well below the teacher)"""
+    noise: float = 0.2
+    """teacher data: probability of a random action at each turn (never trained on; the expert's fix is)"""
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def tinyworld_texts(n_tasks: int = 300) -> list[str]:
+    """Every kind of text a TinyWorld chat holds, for training the tokenizer."""
+    env, texts = TinyWorld(), []
+    for task in env.tasks("train")[:n_tasks] + env.tasks("test")[:50]:
+        step = env.reset(task)
+        texts.append(first_prompt(env, step.observation, think=False) + first_prompt(env, step.observation, think=True))
+        while not step.done:
+            for action in env.admissible():
+                texts.append(format_reply(action))
+            step = env.step(env.expert())
+            texts.append(turn_prompt(1, step.observation) + " invalid reply: no <action>...</action> in the reply. nothing happens.")
+    texts += [f"<|im_start|>user\nstep {i}. <|im_end|>\n<|im_start|>assistant\n" for i in range(40)]
+    return texts
+
+
+def build_tokenizer(path: str):
+    """A byte-level BPE trained on TinyWorld text, inside Qwen2's own tokenizer class. Qwen2's pre-tokenizer is used
+    for training too: AutoTokenizer reloads any tokenizer next to a Qwen2 config as Qwen2Tokenizer, and a BPE trained
+    with another pre-tokenizer would then give different ids (tested)."""
+    import json
+
+    from tokenizers import Tokenizer, models, trainers
+    from transformers import Qwen2Tokenizer
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = Qwen2Tokenizer(vocab={"a": 0}, merges=[])._tokenizer.pre_tokenizer
+    alphabet = [chr(c) for c in range(33, 127)] + [chr(c) for c in range(161, 324)]  # all 256 byte-level symbols
+    trainer = trainers.BpeTrainer(vocab_size=2000, special_tokens=specials, initial_alphabet=alphabet)
+    bpe.train_from_iterator(tinyworld_texts(), trainer)
+    model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    tok = Qwen2Tokenizer(vocab=model["vocab"], merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.chat_template = CHATML
+    tok.save_pretrained(path)
+    return tok
+
+
+# --------------------------------------------------------------------------------------------------
+# Demonstration streams and SFT
+
+
+def demo_stream(env, chat, task: str, think: bool, noise: float, rng: random.Random):
+    """One demonstration episode as (token ids, per-token trained flag); with noise, random actions are mixed in
+    (kept as context, never trained) and the expert's way back from them is trained."""
+    from tcod import Episode
+
+    ep, step, trained = Episode(task), env.reset(task), []
+    ep.add(chat.first(first_prompt(env, step.observation, think)))
+    while not step.done and ep.turns < env.max_turns:
+        expert = env.expert()
+        act = rng.choice(env.admissible()) if rng.random() < noise else expert
+        ep.add(chat.assistant(format_reply(act)), turn=ep.turns if act == expert else -1)
+        step, ep.turns = env.step(act), ep.turns + 1
+        if not step.done:
+            ep.add(chat.user(turn_prompt(ep.turns, step.observation)))
+    return ep
+
+
+def sft(model, episodes, steps: int, lr: float, batch: int = 16, seed: int = 0, bf16: bool = False, desc: str = "sft") -> list[float]:
+    """Next-token NLL on the trained tokens of `episodes` (tcod.Episode, turn_of >= 0 = trained). Returns losses.
+    bf16: autocast the body to bfloat16 (2-3x faster on CPUs with bf16 units; the loss stays float32)."""
+    from tcod import hidden_states, pad, trained_turns
+
+    device = next(model.parameters()).device
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.1, 1 - s / steps))
+    rng, losses = random.Random(seed), []
+    model.train()
+    for _ in (bar := tqdm(range(steps), desc=desc, leave=False)):
+        mb = rng.sample(episodes, min(batch, len(episodes)))
+        ids = pad([e.ids for e in mb], 0, device)
+        mask = pad([trained_turns(e) for e in mb], -1, device) >= 0
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            hidden = hidden_states(model, ids)
+        logp = kl.token_logprobs(hidden, model.get_output_embeddings(), kl.causal_targets(ids))
+        loss = -(logp * mask).sum() / mask.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return losses
+
+
+# --------------------------------------------------------------------------------------------------
+# The tiny models
+
+
+def tiny_model(tok, hidden: int, layers: int, seed: int):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
+    )
+    return Qwen2ForCausalLM(config)
+
+
+def build_tiny(args: Args) -> None:
+    from tcod import Args as RunArgs, Chat, LocalEnvs, episode_metrics, evaluate
+
+    t0 = time.time()
+    tok = build_tokenizer(os.path.join(args.out, "tokenizer"))
+    chat, env, rng = Chat(tok), TinyWorld(), random.Random(args.seed)
+    tasks = env.tasks("train")
+    teacher_data = [demo_stream(env, chat, t, False, args.noise, rng) for t in tasks[:2000]]
+    student_data = [demo_stream(env, chat, t, False, 0.0, rng) for t in tasks[2000:2500]]
+    # The paper distils a 7B teacher into a 3B student: here 4 layers into 2, and the student saw far less data.
+    for name, data, steps, layers in (("tiny-teacher", teacher_data, args.teacher_steps, 4), ("tiny-student", student_data, args.student_steps, 2)):
+        model = tiny_model(tok, 128, layers, args.seed)
+        losses = sft(model, data, steps, lr=3e-3, seed=args.seed, bf16=True, desc=name)
+        run = RunArgs(think=False, max_new_tokens=16)
+        test = evaluate(model, chat, LocalEnvs("tinyworld", {}), env, env.tasks("test")[:100], run, env.max_turns, 2048, seed=0)
+        path, tmp = os.path.join(args.out, name), os.path.join(args.out, name + ".tmp")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+        print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {steps} SFT steps, final loss "
+              f"{sum(losses[-20:]) / 20:.3f}, test success {episode_metrics(test)['success']:.2f} (100 tasks, T=0.4)")
+    shutil.rmtree(os.path.join(args.out, "tokenizer"))
+    print(f"tiny models built in {time.time() - t0:.0f}s under {args.out}")
+
+
+def tiny_model_dir(name: str) -> str:
+    """The directory of a tiny model, built on first use."""
+    path = os.path.join(TINY_DIR, name)
+    if not os.path.isdir(path):
+        build_tiny(Args())
+    return path
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    if args.force or not os.path.isdir(os.path.join(args.out, "tiny-student")):
+        build_tiny(args)

@@ -1,0 +1,681 @@
+"""TCOD: Temporal Curriculum On-Policy Distillation for multi-turn LLM agents (arXiv 2604.24005).
+
+One training step n:
+  1. the student samples a multi-turn episode for each of `tasks_per_step` tasks (temperature 1.0), all
+     episodes in one batch, one KV cache across turns; the curriculum (curriculum.py) decides how deep:
+     F2B cuts the episode after k = k_start + n // eta student turns, B2F first replays L - k demo actions;
+  2. the teacher scores exactly the student's tokens: each episode is one token stream, scored in one forward;
+  3. per student token, d = log p_student(y) - log p_teacher(y) (the sampled-token reverse KL, kl.py) is a
+     negative advantage A = -kl_coef * d in a policy-gradient loss (the Tinker on-policy distillation recipe);
+  4. AdamW step with gradient clipping; metrics to <out>/metrics.jsonl; checkpoints to <out>/ckpt.
+Run `python tcod.py` for the offline CPU demo, `python tcod.py --help` for every option.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+import tyro
+from tqdm import tqdm
+
+import kl
+from curriculum import Curriculum
+from envs import ENVS, Step, first_prompt, format_reply, make_env, parse_action, turn_prompt
+
+# Short names -> Hugging Face ids: the paper's pairs (Qwen2.5-3B/7B <- Qwen2.5-7B, Qwen3-1.7B/4B <- Qwen3-30B-A3B)
+# and their neighbours. The two tiny models are built locally by sft.py for CPU runs and tests.
+MODELS = {
+    **{f"Qwen2.5-{s}": f"Qwen/Qwen2.5-{s}-Instruct" for s in ("0.5B", "1.5B", "3B", "7B", "14B", "32B")},
+    **{f"Qwen3-{s}": f"Qwen/Qwen3-{s}" for s in ("0.6B", "1.7B", "4B", "8B", "14B", "30B-A3B", "32B")},
+}
+TINY = ("tiny-teacher", "tiny-student")
+
+
+@dataclass
+class Args:
+    env: str = "tinyworld"
+    """environment: tinyworld (built in, CPU), alfworld, scienceworld or webshop"""
+    student: str = "tiny-student"
+    """student model: a short name (Qwen2.5-1.5B, Qwen3-4B, ...), a Hugging Face id or a local directory"""
+    teacher: str = "tiny-teacher"
+    """teacher model, as --student; must share the student's tokenizer"""
+    curriculum: Literal["opd", "f2b", "b2f", "adaptive"] = "f2b"
+    """opd: vanilla on-policy distillation; f2b / b2f: the paper's temporal curricula; adaptive: KL-gated F2B"""
+    k_start: int = 1
+    """depth at step 0: k = k_start + n // eta"""
+    eta: int = 2
+    """steps per depth increment (the paper uses 2, 4, 6)"""
+    kl_gate: float = 0.1
+    """adaptive: advance the depth once the EMA of per-token KL at the frontier turn k is below this (nats)"""
+    max_dwell: int = 8
+    """adaptive: advance the depth after this many steps at one depth, whatever the KL"""
+    max_turns: int | None = None
+    """the episode horizon T_max (default: the env's; ALFWorld 30, WebShop 15, ScienceWorld 30, tinyworld 20)"""
+    tasks_per_step: int = 16
+    """episodes rolled out per training step"""
+    steps: int | None = None
+    """training steps (default: the paper's 250; 40 for the tiny CPU demo)"""
+    lr: float | None = None
+    """AdamW learning rate (default: the paper's 1e-6; 1e-4 for the tiny CPU demo)"""
+    grad_clip: float = 1.0
+    """gradient-norm clip"""
+    kl_coef: float = 1.0
+    """advantage scale: A = -kl_coef * (log p_student - log p_teacher)"""
+    estimator: Literal["k1", "forward_kl", "reverse_kl", "jsd"] = "k1"
+    """k1: sampled-token reverse KL as advantage (the paper); the others: full-vocabulary divergences (GKD family)"""
+    jsd_beta: float = 0.5
+    """beta of the generalized JSD estimator"""
+    aggregation: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
+    """loss normalization: over all student tokens of the step, or per turn response then over responses"""
+    train_temperature: float = 1.0
+    """sampling temperature during training rollouts"""
+    eval_temperature: float = 0.4
+    """sampling temperature during evaluation (full horizon, from scratch)"""
+    max_new_tokens: int = 512
+    """most tokens per student reply; a reply cut here usually has no action and counts as invalid"""
+    max_context: int | None = None
+    """most tokens in one episode's stream (default: the model's limit); an episode that would pass it ends as truncated"""
+    think: bool | None = None
+    """ask for <think> reasoning before <action> (default: on, off for the tiny models)"""
+    micro_batch: int = 4
+    """episodes per forward/backward in the update (gradient accumulation keeps the loss exact)"""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """model dtype; auto = bfloat16 on GPU, float32 on CPU"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward to save memory"""
+    eval_every: int = 10
+    """evaluate on held-out tasks every this many steps (0: only before and after training)"""
+    eval_tasks: int = 50
+    """held-out tasks per evaluation (the first N of the env's first eval split)"""
+    save_every: int = 10
+    """checkpoint every this many steps (and at the end)"""
+    env_data: str | None = None
+    """data directory for the env (WebShop product files, ALFWorld games); default: the bundled data"""
+    seed: int = 0
+    """seeds task order and sampling; a step's randomness depends only on (seed, step), so resume is exact"""
+    out: str | None = None
+    """output directory (default: runs/<env>-<curriculum>-s<seed>)"""
+    resume: bool = False
+    """continue from <out>/ckpt"""
+    device: str | None = None
+    """torch device (default: cuda if available, else cpu)"""
+
+
+# --------------------------------------------------------------------------------------------------
+# Models and the chat format
+
+
+def resolve_model(name: str) -> str:
+    """A short name, local directory, hub id or tiny model -> what from_pretrained takes."""
+    if name in MODELS:
+        return MODELS[name]
+    if name in TINY:
+        import sft  # builds the tiny tokenizer and models on first use (cached)
+
+        return sft.tiny_model_dir(name)
+    if os.path.isdir(name) or name.count("/") == 1:
+        return name
+    raise ValueError(f"unknown model {name!r}: use a short name ({', '.join(list(MODELS) + list(TINY))}), a hub id or a local directory")
+
+
+def check_same_tokenizer(student_tok, teacher_tok) -> None:
+    """The teacher scores the student's token ids, so the two must mean the same thing by every id."""
+    s, t = student_tok.get_vocab(), teacher_tok.get_vocab()
+    if s != t:
+        diff = sorted(set(s.items()) ^ set(t.items()))[:3]
+        raise ValueError(
+            f"student and teacher tokenizers differ ({len(s)} vs {len(t)} tokens; e.g. {diff}): "
+            "the teacher must score the student's exact token ids, so pick models of one family"
+        )
+    if student_tok.eos_token != teacher_tok.eos_token:
+        raise ValueError(f"student and teacher end turns differently: {student_tok.eos_token!r} vs {teacher_tok.eos_token!r}")
+
+
+class Chat:
+    """Token deltas of a multi-turn chat, so an episode grows as one token stream that is never re-tokenized.
+
+    The student's reply tokens are appended as sampled (ending in its end-of-turn token); each new user
+    message is the chat template's text between that end-of-turn token and the next generation prompt.
+    """
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.eos = tok.eos_token_id
+        probe = [{"role": "user", "content": "U"}, {"role": "assistant", "content": "MARK"}]
+        text = tok.apply_chat_template(probe, tokenize=False)
+        after = text[text.rindex("MARK") + 4 :]
+        if self.eos is None or not after.startswith(tok.eos_token):
+            raise ValueError(f"the chat template does not end assistant turns with the eos token {tok.eos_token!r}")
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def first(self, content: str) -> list[int]:
+        text = self.tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+        return self._encode(text)
+
+    def user(self, content: str) -> list[int]:
+        """Tokens after an assistant turn's eos: the rest of that turn, the user message, the generation prompt."""
+        msgs = [{"role": "user", "content": "U"}, {"role": "assistant", "content": "MARK"}, {"role": "user", "content": content}]
+        text = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return self._encode(text[text.rindex("MARK") + 4 + len(self.tok.eos_token) :])
+
+    def assistant(self, content: str) -> list[int]:
+        """A reply that the student did not sample (a B2F replayed action), ending with eos."""
+        return self._encode(content) + [self.eos]
+
+
+# --------------------------------------------------------------------------------------------------
+# Batched sampling with one KV cache across turns
+
+
+class Decoder:
+    """Samples replies for many episodes at once and keeps their KV cache from turn to turn.
+
+    `generate()` cannot continue a batched cache when each row gets a different-length new message, so we run
+    the sampling loop over model.forward ourselves. Rows are aligned on the right: each turn's new tokens are
+    left-padded to a common length, padding is masked out, and position ids count only real tokens, so every
+    row computes exactly what a lone forward over its own stream would (tested).
+    """
+
+    def __init__(self, model, vocab_size: int, generator: torch.Generator):
+        from transformers import DynamicCache
+
+        self.model, self.vocab_size, self.gen = model, vocab_size, generator
+        self.device = next(model.parameters()).device
+        self.cache = DynamicCache(config=model.config)
+        self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)
+        self.pos = None  # [B] next position id of each row
+        self.fed = []  # per row: tokens of its stream already in the cache
+
+    def _forward(self, chunks: list[list[int]]) -> torch.Tensor:
+        n, B = max(map(len, chunks)), len(chunks)
+        ids = torch.zeros(B, n, dtype=torch.long)
+        new_mask = torch.zeros(B, n, dtype=torch.long)
+        for r, c in enumerate(chunks):
+            if c:
+                ids[r, n - len(c) :] = torch.tensor(c)
+                new_mask[r, n - len(c) :] = 1
+        ids, new_mask = ids.to(self.device), new_mask.to(self.device)
+        if self.pos is None:
+            self.pos = torch.zeros(B, dtype=torch.long, device=self.device)
+            self.mask = self.mask.new_zeros(B, 0)
+        position_ids = (self.pos[:, None] + new_mask.cumsum(1) - 1).clamp(min=0)
+        self.mask = torch.cat([self.mask, new_mask], 1)
+        self.pos = self.pos + new_mask.sum(1)
+        out = self.model(
+            input_ids=ids, attention_mask=self.mask, position_ids=position_ids, cache=self.cache, use_cache=True, logits_to_keep=1
+        )
+        return out.logits[:, -1, : self.vocab_size].float()
+
+    def _sample(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
+        if temperature == 0:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits / temperature, -1)
+        return torch.multinomial(probs.cpu(), 1, generator=self.gen)[:, 0].to(logits.device)
+
+    @torch.no_grad()
+    def reply(self, streams: list[list[int]], eos: int, temperature: float, max_new_tokens: int) -> list[list[int]]:
+        """One reply per row; streams[r] is row r's whole token stream so far (its unfed tail is fed first)."""
+        if len(self.fed) < len(streams):
+            self.fed += [0] * (len(streams) - len(self.fed))
+        logits = self._forward([s[f:] for s, f in zip(streams, self.fed)])
+        self.fed = [len(s) for s in streams]
+        out = [[] for _ in streams]
+        alive = [True] * len(streams)
+        for t in range(max_new_tokens):
+            tokens = self._sample(logits, temperature).tolist()
+            for r, tok in enumerate(tokens):
+                if alive[r]:
+                    out[r].append(tok)
+                    alive[r] = tok != eos
+            if not any(alive) or t == max_new_tokens - 1:
+                break
+            # Rows that already finished feed a masked token: their cache entry is ignored from now on.
+            logits = self._forward([[tok] if a else [] for tok, a in zip(tokens, alive)])
+            self.fed = [f + a for f, a in zip(self.fed, alive)]
+        return out
+
+    def keep(self, rows: list[int]) -> None:
+        """Drop the rows of finished episodes from the batch and the cache."""
+        idx = torch.tensor(rows, dtype=torch.long, device=self.device)
+        self.cache.batch_select_indices(idx)
+        self.mask, self.pos = self.mask[idx], self.pos[idx]
+        self.fed = [self.fed[r] for r in rows]
+
+
+# --------------------------------------------------------------------------------------------------
+# Rollout
+
+
+@dataclass
+class Episode:
+    task: str
+    ids: list[int] = field(default_factory=list)  # the whole chat as one token stream
+    turn_of: list[int] = field(default_factory=list)  # per token: env turn index of a student-sampled token, else -1
+    prefix: int = 0  # B2F: demonstration actions replayed before the student acts
+    turns: int = 0  # env turns taken, replayed ones included
+    student_turns: int = 0
+    reply_tokens: int = 0
+    invalid: int = 0  # student replies with no usable action, or actions the env refused
+    done: bool = False
+    success: bool = False
+    score: float = 0.0
+    truncated: bool = False  # ended because the stream reached the context limit
+    replay_done: bool = False  # B2F: the replayed prefix already finished the task (no student turn)
+    error: str | None = None  # the env failed (crashed worker, dead JVM): recorded as a failure
+
+    def add(self, tokens: list[int], turn: int = -1) -> None:
+        self.ids += tokens
+        self.turn_of += [turn] * len(tokens)
+
+    def finish(self, step: Step) -> None:
+        self.done, self.success, self.score = True, step.success, step.score
+        self.error = step.info.get("error")
+
+
+class LocalEnvs:
+    """Episodes stepped in this process, one env object per episode (the worker pool has the same API)."""
+
+    def __init__(self, env_name: str, env_kwargs: dict):
+        self.name, self.kwargs, self.envs = env_name, env_kwargs, []
+
+    def reset(self, tasks: list[str]) -> list[Step]:
+        while len(self.envs) < len(tasks):
+            self.envs.append(make_env(self.name, **self.kwargs))
+        return [env.reset(t) for env, t in zip(self.envs, tasks)]
+
+    def step(self, slots: list[int], actions: list[str]) -> list[Step]:
+        return [self.envs[s].step(a) for s, a in zip(slots, actions)]
+
+    def close(self):
+        for env in self.envs:
+            env.close()
+
+
+@torch.no_grad()
+def rollout(model, chat: Chat, envs, env, tasks, plans, demos, *, temperature, max_new_tokens, max_turns, max_context, think, generator):
+    """Play one episode per task, all at once. plans[i] is a curriculum.Plan, demos[i] an action list or None."""
+    episodes = [Episode(t, prefix=p.prefix) for t, p in zip(tasks, plans)]
+    steps = envs.reset(tasks)
+    last_obs = [s.observation for s in steps]
+    for ep, s in zip(episodes, steps):
+        ep.add(chat.first(first_prompt(env, s.observation, think)))
+        if s.done:  # an env that failed at reset
+            ep.finish(s)
+
+    # B2F: replay the demonstration prefix. The student sees it as history; it is never trained.
+    for j in range(max((ep.prefix for ep in episodes), default=0)):
+        slots = [i for i, ep in enumerate(episodes) if not ep.done and j < ep.prefix]
+        for i, s in zip(slots, envs.step(slots, [demos[i][j] for i in slots])):
+            ep = episodes[i]
+            ep.add(chat.assistant(format_reply(demos[i][j])))
+            ep.turns += 1
+            last_obs[i] = s.observation
+            if s.done:
+                ep.finish(s)
+                ep.replay_done = True
+            else:
+                ep.add(chat.user(turn_prompt(ep.turns, s.observation)))
+
+    decoder = Decoder(model, len(chat.tok), generator)
+    active = [i for i, ep in enumerate(episodes) if not ep.done]
+    while active:
+        for i in active:  # the context limit: never start a reply that might not fit
+            if len(episodes[i].ids) + max_new_tokens > max_context:
+                episodes[i].truncated = episodes[i].done = True
+        rows = [r for r, i in enumerate(active) if not episodes[i].done]
+        if len(rows) < len(active):
+            decoder.keep(rows)
+            active = [active[r] for r in rows]
+            if not active:
+                break
+        replies = decoder.reply([episodes[i].ids for i in active], chat.eos, temperature, max_new_tokens)
+        parsed = []
+        for i, reply in zip(active, replies):
+            ep = episodes[i]
+            ep.add(reply, turn=ep.turns)
+            ep.reply_tokens += len(reply)
+            if reply[-1] != chat.eos:  # cut at max_new_tokens: close the turn so the chat stays well-formed
+                ep.add([chat.eos])
+            parsed.append(parse_action(chat.tok.decode(reply, skip_special_tokens=True)))
+        good = [(i, a) for i, (a, _) in zip(active, parsed) if a is not None]
+        results = dict(zip([i for i, _ in good], envs.step([i for i, _ in good], [a for _, a in good]))) if good else {}
+        keep = []
+        for r, (i, (action, why)) in enumerate(zip(active, parsed)):
+            ep = episodes[i]
+            ep.turns += 1
+            ep.student_turns += 1
+            if action is None:
+                ep.invalid += 1
+                s = Step(f"invalid reply: {why}. {last_obs[i]}", valid=False)
+            else:
+                s = results[i]
+                ep.invalid += not s.valid
+                last_obs[i] = s.observation
+            if s.done:
+                ep.finish(s)
+            elif ep.turns >= max_turns or ep.student_turns >= plans[i].student_turns:
+                ep.done = True  # the horizon, or the F2B depth: stop here without a verdict of success
+            else:
+                ep.add(chat.user(turn_prompt(ep.turns, s.observation)))
+                keep.append(r)
+        if len(keep) < len(active):
+            decoder.keep(keep)
+        active = [active[r] for r in keep]
+    return episodes
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring and the update
+
+
+def pad(seqs: list[list[int]], value: int, device) -> torch.Tensor:
+    out = torch.full((len(seqs), max(map(len, seqs))), value, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        out[r, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out.to(device)
+
+
+def hidden_states(model, ids: torch.Tensor) -> torch.Tensor:
+    """The last hidden states of right-padded sequences; the LM head is applied chunk by chunk in kl.py.
+
+    No attention mask: under causal attention no real token sees the padding after it, so the real positions are
+    exact without one (tested), and without a mask sdpa runs its fused causal kernel (2-3x faster on CPU here).
+    """
+    return model.base_model(input_ids=ids).last_hidden_state
+
+
+def softcap(model):
+    return getattr(model.config, "final_logit_softcapping", None)
+
+
+def trained_turns(episode: Episode) -> list[int]:
+    """Per prediction position t (predicting token t+1): the turn index if that token is a student token, else -1."""
+    return episode.turn_of[1:] + [-1]
+
+
+def microbatches(episodes: list[Episode], size: int):
+    """Indices grouped by similar length so that little compute goes to padding."""
+    order = sorted(range(len(episodes)), key=lambda i: len(episodes[i].ids))
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
+def score_and_update(student, teacher, episodes, optimizer, args: Args) -> dict:
+    """Teacher scoring, the loss, the backward and the optimizer step; returns per-token KL stats and loss."""
+    device = next(student.parameters()).device
+    turns = [torch.tensor(trained_turns(ep), dtype=torch.long) for ep in episodes]
+    weights = kl.loss_weights(turns, args.aggregation)
+    student.train()
+    optimizer.zero_grad(set_to_none=True)
+    loss_total, kl_tokens = 0.0, []  # kl_tokens: (episode index, turn, d) per student token
+    for mb in microbatches(episodes, args.micro_batch):
+        ids = pad([episodes[i].ids for i in mb], 0, device)
+        targets = kl.causal_targets(ids)
+        turn_ids = pad([turns[i].tolist() for i in mb], -1, device)
+        w = torch.zeros(ids.shape, dtype=torch.float32, device=device)
+        for r, i in enumerate(mb):
+            w[r, : len(weights[i])] = weights[i].to(device)
+        with torch.no_grad():
+            t_hidden = hidden_states(teacher, ids.to(next(teacher.parameters()).device)).to(device)
+            logp_t = kl.token_logprobs(t_hidden, teacher.get_output_embeddings(), targets, softcap=softcap(teacher))
+        s_hidden = hidden_states(student, ids)
+        logp_s = kl.token_logprobs(s_hidden, student.get_output_embeddings(), targets, softcap=softcap(student))
+        d = kl.sampled_kl(logp_s.detach(), logp_t)  # per token, the k1 estimate of KL(student || teacher)
+        if args.estimator == "k1":
+            # Policy gradient with advantage A = -kl_coef * d. The ratio exp(logp - logp.detach()) is 1 on-policy,
+            # so the loss value is the mean KL and its gradient is -A * grad log p (one update per batch).
+            per_token = args.kl_coef * d * torch.exp(logp_s - logp_s.detach())
+        else:
+            per_token = args.kl_coef * kl.full_divergence(
+                args.estimator, s_hidden, student.get_output_embeddings(), t_hidden, teacher.get_output_embeddings(),
+                beta=args.jsd_beta, s_softcap=softcap(student), t_softcap=softcap(teacher),
+            )
+        loss = (w * per_token).sum()
+        loss.backward()
+        loss_total += loss.item()
+        mask = turn_ids >= 0
+        for r, i in enumerate(mb):
+            sel = mask[r]
+            kl_tokens += [(i, t, v) for t, v in zip(turn_ids[r][sel].tolist(), d[r][sel].tolist())]
+    grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip).item()
+    if math.isfinite(grad_norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    student.eval()
+    return {"loss": loss_total, "grad_norm": grad_norm, "kl_tokens": kl_tokens}
+
+
+def kl_metrics(kl_tokens, n_episodes: int, max_turns: int) -> dict:
+    """traj_kl: mean over episodes of the summed per-token KL (the paper's Fig. 2); kl_by_turn: per-token KL at each turn."""
+    by_turn = [[] for _ in range(max_turns)]
+    per_episode = [0.0] * n_episodes
+    for i, t, v in kl_tokens:
+        by_turn[t].append(v)
+        per_episode[i] += v
+    return {
+        "traj_kl": sum(per_episode) / max(n_episodes, 1),
+        "token_kl": sum(v for _, _, v in kl_tokens) / max(len(kl_tokens), 1),
+        "kl_by_turn": [sum(v) / len(v) if v else None for v in by_turn],
+    }
+
+
+def episode_metrics(episodes: list[Episode], prefix: str = "") -> dict:
+    n = max(len(episodes), 1)
+    student_turns = max(sum(e.student_turns for e in episodes), 1)
+    return {
+        f"{prefix}success": sum(e.success for e in episodes) / n,
+        f"{prefix}score": sum(e.score for e in episodes) / n,
+        f"{prefix}turns": sum(e.turns for e in episodes) / n,
+        f"{prefix}reply_tokens": sum(e.reply_tokens for e in episodes) / student_turns,
+        f"{prefix}invalid": sum(e.invalid for e in episodes) / student_turns,
+        f"{prefix}truncated": sum(e.truncated for e in episodes) / n,
+        f"{prefix}errors": sum(e.error is not None for e in episodes),
+    }
+
+
+def evaluate(model, chat, envs, env, tasks, args: Args, max_turns: int, max_context: int, seed: int) -> list[Episode]:
+    """Full horizon from scratch at the eval temperature, in fixed batches with fixed seeds."""
+    from curriculum import Plan
+
+    episodes = []
+    for b in range(0, len(tasks), args.tasks_per_step):
+        batch = tasks[b : b + args.tasks_per_step]
+        gen = torch.Generator().manual_seed(seed * 7919 + b)
+        episodes += rollout(
+            model, chat, envs, env, batch, [Plan(0, max_turns)] * len(batch), [None] * len(batch),
+            temperature=args.eval_temperature, max_new_tokens=args.max_new_tokens, max_turns=max_turns,
+            max_context=max_context, think=args.think, generator=gen,
+        )
+    return episodes
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints: written to a temp dir and renamed, so a kill at any moment leaves the last complete one.
+
+
+def save_checkpoint(out: str, student, tok, optimizer, curriculum: Curriculum, step: int) -> None:
+    final, tmp, old = (os.path.join(out, n) for n in ("ckpt", "ckpt.tmp", "ckpt.old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    torch.save({"optimizer": optimizer.state_dict(), "curriculum": curriculum.state_dict(), "step": step}, os.path.join(tmp, "trainer.pt"))
+    if os.path.isdir(final):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def last_checkpoint(out: str) -> str | None:
+    for name in ("ckpt", "ckpt.old"):  # ckpt.old survives only a kill between the two renames
+        if os.path.isfile(os.path.join(out, name, "trainer.pt")):
+            return os.path.join(out, name)
+    return None
+
+
+def append_metrics(path: str, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_metrics(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip().endswith("}")]  # a torn last line is dropped
+
+
+# --------------------------------------------------------------------------------------------------
+# Setup and the training loop
+
+
+def resolve_args(args: Args) -> Args:
+    """Fill the defaults that depend on the env and models, and reject bad input before any model loads."""
+    if args.env not in ENVS:
+        raise ValueError(f"unknown env {args.env!r}; choose one of {sorted(ENVS)}")
+    tiny = args.student in TINY
+    if args.student in TINY and args.teacher in TINY and args.env != "tinyworld":
+        raise ValueError("the tiny models only know tinyworld; pass real --student/--teacher models for other envs")
+    for name in (args.student, args.teacher):
+        resolve_model(name) if name not in TINY else None
+    if args.k_start < 1 or args.eta < 1:
+        raise ValueError(f"need k_start >= 1 and eta >= 1 (got {args.k_start}, {args.eta})")
+    if args.env_data is not None and not os.path.isdir(args.env_data):
+        raise ValueError(f"--env-data {args.env_data!r} is not a directory")
+    defaults = {"steps": 40 if tiny else 250, "lr": 1e-4 if tiny else 1e-6, "think": not tiny, "max_turns": ENVS[args.env].max_turns}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.out = args.out or os.path.join("runs", f"{args.env}-{args.curriculum}-s{args.seed}")
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return args
+
+
+def load_model(path: str, dtype: str, device: str):
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device)
+    return model.eval()
+
+
+def load_tokenizers(args: Args):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(args.student))
+    check_same_tokenizer(tok, AutoTokenizer.from_pretrained(resolve_model(args.teacher)))
+    return tok
+
+
+def main(args: Args) -> dict:
+    args = resolve_args(args)
+    tok = load_tokenizers(args)  # fails on a mismatch before the (large) models load
+    chat = Chat(tok)
+    env_kwargs = {"data": args.env_data} if args.env_data else {}
+    env = make_env(args.env, **env_kwargs)
+    train_tasks = env.tasks("train")
+    eval_tasks = env.tasks(env.eval_splits[0])[: args.eval_tasks]
+    demos = {}
+    if args.curriculum == "b2f":
+        demos = {t: env.demo(t) for t in tqdm(train_tasks, desc="demos", leave=False)}
+        train_tasks = [t for t in train_tasks if demos[t]]  # B2F trains on tasks with a successful demonstration
+        if not train_tasks:
+            raise ValueError(f"no {args.env} training task has a demonstration; B2F needs them")
+
+    os.makedirs(args.out, exist_ok=True)
+    ckpt = last_checkpoint(args.out) if args.resume else None
+    if args.resume and ckpt is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {args.out}")
+    student = load_model(ckpt or resolve_model(args.student), args.dtype, args.device)
+    teacher = load_model(resolve_model(args.teacher), args.dtype, args.device).requires_grad_(False)
+    if args.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
+    model_limit = min(getattr(m.config, "max_position_embeddings", 1 << 30) for m in (student, teacher))
+    max_context = min(args.max_context or model_limit, model_limit)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
+    curriculum = Curriculum(args.curriculum, args.k_start, args.eta, args.max_turns, args.kl_gate, args.max_dwell)
+    start = 0
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    if ckpt:
+        state = torch.load(os.path.join(ckpt, "trainer.pt"), weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        curriculum = Curriculum.from_state_dict(state["curriculum"])
+        start = state["step"]
+        # Rows past the checkpoint belong to steps that will run again: drop them so each step appears once.
+        rows = [r for r in read_metrics(metrics_path) if r["step"] < start]
+        with open(metrics_path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    else:
+        open(metrics_path, "w").close()
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+
+    envs = LocalEnvs(args.env, env_kwargs)
+    kwargs = dict(max_new_tokens=args.max_new_tokens, max_turns=args.max_turns, max_context=max_context, think=args.think)
+
+    def run_eval(step: int) -> dict:
+        episodes = evaluate(student, chat, envs, env, eval_tasks, args, args.max_turns, max_context, args.seed)
+        return episode_metrics(episodes, "eval_")
+
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"{args.curriculum} {args.env}")
+    row = {}
+    if start == 0:
+        append_metrics(metrics_path, {"step": -1, **run_eval(0)})  # the student before training
+    for n in bar:
+        t0 = time.time()
+        torch.manual_seed(args.seed * 100_003 + n)
+        gen = torch.Generator().manual_seed(args.seed * 100_003 + n)
+        tasks = random.Random(args.seed * 100_003 + n).sample(train_tasks, args.tasks_per_step)
+        plans = [curriculum.plan(n, len(demos[t]) if demos else None) for t in tasks]
+        episodes = rollout(student, chat, envs, env, tasks, plans, [demos.get(t) for t in tasks], temperature=args.train_temperature, generator=gen, **kwargs)
+        t1 = time.time()
+        update = score_and_update(student, teacher, episodes, optimizer, args)
+        t2 = time.time()
+        klm = kl_metrics(update["kl_tokens"], len(episodes), args.max_turns)
+        k = curriculum.depth(n)
+        curriculum.update(klm["kl_by_turn"])
+        row = {
+            "step": n,
+            "k": k if k is not None else args.max_turns,
+            "prefix": sum(e.prefix for e in episodes) / len(episodes),
+            "replay_done": sum(e.replay_done for e in episodes),
+            **klm,
+            **episode_metrics(episodes),
+            "loss": update["loss"],
+            "grad_norm": update["grad_norm"],
+            "tokens_per_s": sum(e.reply_tokens for e in episodes) / max(t1 - t0, 1e-9),
+            "time_rollout": t1 - t0,
+            "time_update": t2 - t1,
+        }
+        last = n + 1 == args.steps
+        if last or (args.eval_every and (n + 1) % args.eval_every == 0):
+            row.update(run_eval(n + 1))
+        row["time_step"] = time.time() - t0
+        append_metrics(metrics_path, row)  # before the checkpoint: a kill in between only repeats this step
+        if last or (n + 1) % args.save_every == 0:
+            save_checkpoint(args.out, student, tok, optimizer, curriculum, n + 1)
+        bar.set_postfix(k=row["k"], kl=f"{row['traj_kl']:.2f}", succ=f"{row['success']:.2f}", **({"eval": f"{row['eval_success']:.2f}"} if "eval_success" in row else {}))
+    envs.close()
+    try:
+        import plot
+
+        plot.plot_runs([args.out], os.path.join(args.out, "curves.png"))
+    except ImportError as e:  # matplotlib is optional
+        print(f"no plot: {e}")
+    print(json.dumps({k: v for k, v in row.items() if k != "kl_by_turn"}, indent=1))
+    return row
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
