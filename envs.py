@@ -14,9 +14,19 @@ env-specific formatting. Prompts are built here too, so every benchmark speaks t
 
 from __future__ import annotations
 
+import importlib
+import json
+import logging
+import multiprocessing as mp
+import os
 import random
 import re
+import tarfile
+import tempfile
+import time
 from dataclasses import dataclass, field
+from multiprocessing.connection import wait
+from pathlib import Path
 
 
 @dataclass
@@ -132,14 +142,16 @@ class TinyWorld:
 
     def _observe(self) -> str:
         if self.here in self.closed:
-            seen = f"the {self.here} is closed."
+            seen = f"at {self.here}, closed."
         else:
             things = [o for o, p in self.where.items() if p == self.here]
-            seen = f"you see {', '.join(things)}." if things else "you see nothing."
-        hold = f"hand: {self.hand or 'empty'}."
+            seen = f"at {self.here}, you see {', '.join(things) or 'nothing'}."
         o, p = self._next_goal()
-        at = "in hand" if self.hand == o else f"at {self.where[o]}"
-        return f"at {self.here}. {seen} {hold} next: {o} {at} to {p}. actions: {', '.join(self.admissible())}."
+        # What decides the action comes last, in a fixed shape, with "here" in place of the current location, so
+        # that a tiny model reads the decision off fixed offsets instead of comparing place names.
+        src = "hand" if self.hand == o else ("here" if self.where[o] == self.here else self.where[o])
+        dest = "here" if p == self.here else p
+        return f"actions: {', '.join(self.admissible())}. {seen} hand: {self.hand or 'empty'}. next: {o} from {src} to {dest}."
 
     def step(self, action: str) -> Step:
         if action not in self.admissible():
@@ -180,10 +192,395 @@ class TinyWorld:
         pass
 
 
-ENVS = {"tinyworld": TinyWorld}
+# --------------------------------------------------------------------------------------------------
+# ALFWorld: household text games generated from ALFRED scenes (Shridhar et al., ICLR 2021), played through textworld's
+# PDDL engine. The release's game files ship with the project (data/alfworld, see its README) and are unpacked on first
+# use; a game file alone is enough to play, and it stores an optimal walkthrough, which is our demonstration.
+
+ALFWORLD_TARBALLS = Path(__file__).parent / "data" / "alfworld"
+ALFWORLD_CACHE = "~/.cache/tcod/alfworld"
+
+
+def unpack_alfworld(tarball: Path, root: Path):
+    """Extract `tarball` (json_2.1.1/<split>/...) under `root`, each split appearing whole or not at all.
+
+    Extraction goes to a temp dir beside the target and each split folder is then renamed into place, so a killed
+    unpack never leaves a half tree, and of two processes unpacking at once the second one's rename simply fails.
+    """
+    (root / "json_2.1.1").mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=".unpack-") as tmp:
+        with tarfile.open(tarball) as tar:
+            tar.extractall(tmp, filter="data")
+        for split_dir in (Path(tmp) / "json_2.1.1").iterdir():
+            try:
+                split_dir.rename(root / "json_2.1.1" / split_dir.name)
+            except OSError:  # already there: another process finished first
+                pass
+
+
+class AlfWorld:
+    """ALFWorld's text games: 3553 train, 140 valid_seen and 134 valid_unseen (new rooms) games of 6 task types.
+
+    A task id is a game's folder below json_2.1.1, e.g. "valid_seen/pick_and_place_simple-Pencil-None-Dresser-330/
+    trial_T20190909_071128_012892"; the task type is the first part of the folder name. Success is the game's `won`.
+    Data: the `data` argument (a cache dir, unpacked into on first use), else $ALFWORLD_DATA when it holds an
+    alfworld-download layout (json_2.1.1/), else ~/.cache/tcod/alfworld. The train games (304 MB unpacked) are only
+    unpacked when train tasks are asked for.
+    """
+
+    name = "alfworld"
+    max_turns = 30
+    splits = ("train", "valid_seen", "valid_unseen")
+    eval_splits = ("valid_seen", "valid_unseen")
+    instructions = "You are an agent in a household. Reach the goal with one of the listed actions per turn."
+
+    def __init__(self, data: str | None = None):
+        self.data = data
+        self.env = None  # the textworld game, built on the first reset
+        self.admissible: list[str] = []
+
+    def _split_dir(self, split: str) -> Path:
+        if split not in self.splits:
+            raise ValueError(f"alfworld has splits {self.splits}, not {split!r}")
+        standard = os.environ.get("ALFWORLD_DATA")
+        if self.data is None and standard and (Path(standard) / "json_2.1.1").is_dir():
+            return Path(standard) / "json_2.1.1" / split
+        root = Path(self.data or ALFWORLD_CACHE).expanduser()
+        if not (root / "json_2.1.1" / split).is_dir():
+            tarball = "alfworld_train.tar.xz" if split == "train" else "alfworld_valid.tar.xz"
+            unpack_alfworld(ALFWORLD_TARBALLS / tarball, root)
+        return root / "json_2.1.1" / split
+
+    def _game(self, task: str) -> Path:
+        return self._split_dir(task.split("/")[0]).parent / task / "game.tw-pddl"
+
+    def tasks(self, split: str) -> list[str]:
+        games = self._split_dir(split).glob("*/*/game.tw-pddl")
+        return sorted(f"{split}/{game.parent.parent.name}/{game.parent.name}" for game in games)
+
+    def task_type(self, task: str) -> str:
+        return task.split("/")[1].split("-")[0]
+
+    def _actions(self) -> str:
+        # 'help' only prints the command list, which the prompt already gives; 'look' and 'inventory' stay.
+        return "actions: " + ", ".join(a for a in self.admissible if a != "help") + "."
+
+    def reset(self, task: str) -> Step:
+        if self.env is None:
+            import textworld
+            import textworld.envs
+            from alfworld.agents.environment.alfred_tw_env import AlfredDemangler
+
+            # AlfredDemangler turns PDDL ids into the names the game text uses ("drawer 3"). One PddlEnv is reused for
+            # every game: each holds its own copy of the planner library, so several may live in one process.
+            infos = textworld.EnvInfos(won=True, admissible_commands=True)
+            self.env = AlfredDemangler(textworld.envs.PddlEnv(infos))
+        self.env.load(str(self._game(task)))
+        state = self.env.reset()  # grounds the PDDL problem: most of the ~2 s a reset costs
+        self.admissible = state["admissible_commands"]
+        # The intro reads "-= Welcome to TextWorld, ALFRED! =-\n\n<room>\n\nYour task is to: ...": drop the banner.
+        room, goal = state.feedback.split("\n\n")[-2:]
+        return Step(f"{goal}\n{room}\n{self._actions()}")
+
+    def step(self, action: str) -> Step:
+        if action not in self.admissible:
+            # The game would answer exactly this and change nothing; answering here saves its ~60 ms.
+            return Step(f"Nothing happens.\n{self._actions()}", valid=False)
+        state, _, _ = self.env.step(action)
+        self.admissible = state["admissible_commands"]
+        if state["won"]:
+            return Step(state.feedback, done=True, success=True, score=1.0)
+        return Step(f"{state.feedback}\n{self._actions()}")
+
+    def demo(self, task: str) -> list[str]:
+        return json.loads(self._game(task).read_text())["walkthrough"]
+
+    def close(self):
+        self.env = None
+
+
+# --------------------------------------------------------------------------------------------------
+# ScienceWorld: 30 task types of elementary-school science (boil water, grow a plant, test conductivity, ...) in a
+# simulator written in Scala (Wang et al., EMNLP 2022), driven through py4j, one JVM per env object.
+
+SCIENCEWORLD_JVM_OPTIONS = "-Xmx256m -XX:+UseSerialGC"  # 180-350 MB per JVM; the default heap grows to 0.5-1.2 GB
+NO_MATCH = "No known action matches that input."  # the simulator's answer to input its parser cannot use
+
+
+class ScienceWorld:
+    """ScienceWorld, with the simulator's own train/dev/test split of each task type's variations.
+
+    A task id is "<task name>-<variation>", e.g. "boil-3". Score runs from -100 to 100: Step.score is score/100, success
+    is a score of 100, and a negative score (a wrong `focus on`) ends the episode as a failure. `task_types` restricts
+    every split to those task types: for the protocol of training on some types and testing on held-out ones, give the
+    training env the training types and the evaluation env the others. The full list of valid actions is 12k+
+    characters, so an observation shows the action templates (first observation only: they never change) and the
+    objects in view.
+    A JVM that dies (or a simulator that throws) ends the episode as a failure with info["error"]; the next reset
+    starts a new JVM.
+    """
+
+    name = "scienceworld"
+    max_turns = 30
+    splits = ("train", "dev", "test")
+    eval_splits = ("test",)
+    instructions = "You are an agent in a world of science experiments. Complete the task with one action per turn."
+    _variations: dict[str, tuple[list[int], ...]] = {}  # task name -> its train/dev/test variations (any JVM agrees)
+
+    def __init__(self, task_types: list[str] | None = None):
+        self.task_types = task_types
+        self.sim = None  # the scienceworld.ScienceWorldEnv, started on first use
+        self.error = None  # why the JVM is unusable, when it is
+
+    def _simulator(self):
+        """The simulator, with a new JVM when there is none yet or the last one failed."""
+        if self.sim is None or self.error or self.sim._gateway.java_process.poll() is not None:
+            self.close()
+            from scienceworld import ScienceWorldEnv
+
+            os.environ.setdefault("JAVA_TOOL_OPTIONS", SCIENCEWORLD_JVM_OPTIONS)  # read by the JVM at start
+            # py4j logs a traceback for every call to a dead JVM (even garbage collection); we report it once instead.
+            logging.getLogger("py4j").setLevel(logging.CRITICAL)
+            # envStepLimit: the wrapper's default of 100 would cut gold paths; our own max_turns is the limit.
+            self.sim, self.error = ScienceWorldEnv("", envStepLimit=10**6), None
+        return self.sim
+
+    def tasks(self, split: str) -> list[str]:
+        if split not in self.splits:
+            raise ValueError(f"scienceworld has splits {self.splits}, not {split!r}")
+        names = self.task_types or self._simulator().get_task_names()
+        for name in names:
+            if name not in ScienceWorld._variations:  # the variation lists are only readable from a loaded task
+                sim = self._simulator()
+                sim.load(name, 0)
+                ScienceWorld._variations[name] = (
+                    sim.get_variations_train(), sim.get_variations_dev(), sim.get_variations_test())
+        return [f"{name}-{v}" for name in names for v in ScienceWorld._variations[name][self.splits.index(split)]]
+
+    def task_type(self, task: str) -> str:
+        return task.rsplit("-", 1)[0]
+
+    def _failed(self, error: Exception) -> Step:
+        self.error = f"scienceworld simulator failed: {type(error).__name__}: {error}"
+        return Step("The environment failed.", done=True, info={"error": self.error})
+
+    def reset(self, task: str) -> Step:
+        from py4j.protocol import Py4JError
+
+        name, variation = task.rsplit("-", 1)
+        try:
+            sim = self._simulator()
+            # load() builds a fresh world; the wrapper's reset() would build it again (6-8 s on Mendelian tasks).
+            sim.load(name, int(variation))
+            look = sim.server.step("look around")  # the first move, as in the wrapper's reset()
+            templates = ", ".join(sim.get_possible_actions())
+            return Step(f"{sim.get_task_description()}\n{look}\nactions (OBJ is an object): {templates}.\n"
+                        f"objects: {', '.join(sim.get_possible_objects())}.")
+        except Py4JError as e:
+            return self._failed(e)
+
+    def step(self, action: str) -> Step:
+        from py4j.protocol import Py4JError
+
+        try:
+            # The server directly, not the wrapper's step(): that one rebuilds the 12k-character list of valid
+            # actions after every step (50-220 ms against 5-15 ms), and applies the step limit we lifted.
+            server = self.sim.server
+            observation = server.step(action)
+            score = round(100 * server.getScore())
+            done = server.getCompleted() or score < 0  # the wrapper's rule: a negative score ends the episode
+            if not done:
+                observation += f"\nobjects: {', '.join(self.sim.get_possible_objects())}."
+        except Py4JError as e:
+            return self._failed(e)
+        return Step(observation, done=done, success=score >= 100, score=score / 100,
+                    valid=not observation.startswith(NO_MATCH))
+
+    def demo(self, task: str, tries: int = 3) -> list[str] | None:
+        """The simulator's gold path, kept only if replaying it in the world it was made for reaches score 100.
+
+        Path generation is random and now and then yields a path that fails (seen on Mendelian tasks: it focuses on
+        the wrong box), hence a few tries. A replay may end (done) before the path does: worlds differ in timing by a
+        tick, so the path is returned whole rather than cut where this replay finished. Slow on some tasks (10-25 s
+        on Mendelian ones). Ends the current episode.
+        """
+        name, variation = task.rsplit("-", 1)
+        sim = self._simulator()
+        for _ in range(tries):
+            sim.load(name, int(variation), generateGoldPath=True)
+            actions = sim.get_gold_action_sequence()
+            sim.server.step("look around")
+            for action in actions:
+                sim.server.step(action)
+                score = round(100 * sim.server.getScore())
+                if score >= 100:
+                    return actions
+                if score < 0:
+                    break
+        return None
+
+    def close(self):
+        if self.sim is not None:
+            self.sim.close()  # shuts the JVM down (a dead one: nothing to do)
+            self.sim = None
+
+
+# --------------------------------------------------------------------------------------------------
+# EnvPool: episodes in worker processes.
+
+
+def failed_step(error: str) -> Step:
+    return Step("The environment failed.", done=True, info={"error": error})
+
+
+def run_env_call(envs: dict, env_cls, env_kwargs: dict, cmd: str, slot: int, arg: str) -> Step:
+    """reset(arg) or step(arg) on the env of `slot`, made on its first reset; an exception fails the episode."""
+    try:
+        if cmd == "reset" and slot not in envs:
+            envs[slot] = env_cls(**env_kwargs)
+        if slot not in envs:
+            return failed_step("no live episode in this slot: its worker was restarted")
+        return envs[slot].reset(arg) if cmd == "reset" else envs[slot].step(arg)
+    except Exception as e:
+        return failed_step(f"{type(e).__name__}: {e}")
+
+
+def env_worker(conn, env_cls, env_kwargs: dict):
+    """A worker process: holds one env per slot it serves and answers each reset/step as soon as it is done."""
+    envs = {}
+    conn.send("ready")
+    try:
+        while (message := conn.recv())[0] != "close":
+            cmd, items = message
+            for slot, arg in items:
+                conn.send((slot, run_env_call(envs, env_cls, env_kwargs, cmd, slot, arg)))
+    except EOFError:  # the parent died without closing the pool
+        pass
+    for env in envs.values():
+        env.close()
+
+
+class EnvPool:
+    """Plays a batch of episodes on `workers` processes, so that env time overlaps model time.
+
+    Slot i (the episode of tasks[i] at the last reset) lives on worker i % workers. Every live episode needs its own
+    simulator, so a worker keeps one env per slot it serves, made on first use and reused by that slot's later
+    episodes. A call sends each involved worker its slots at once; a worker runs them one after another and sends each
+    Step back as soon as it is ready, so `step_timeout` bounds every single reset or step. A worker that dies or
+    exceeds step_timeout is killed and replaced: its unanswered episodes get a failed Step
+    (done=True, success=False, info["error"]), and its other live episodes fail at their next step. Workers are
+    replaced at a reset once they have run `recycle_after` episodes, because an ALFWorld process grows with every
+    distinct game. workers=0 runs the same calls in this process, one after another (no timeout, no recycling).
+
+    Workers are started with 'spawn' (torch in the parent is not fork-safe). Spawn re-imports the main script in every
+    worker, so the script needs the `if __name__ == "__main__":` guard, and a torch import at its top costs each
+    worker ~1 s and ~200 MB more.
+    The env class is looked up here and pickled by reference, so an env registered at run time works in workers too.
+    """
+
+    def __init__(self, make_env_fn_name: str, env_kwargs: dict, workers: int, step_timeout: float = 60.0,
+                 recycle_after: int = 50):
+        self.env_cls, self.env_kwargs = env_class(make_env_fn_name), dict(env_kwargs)
+        self.step_timeout, self.recycle_after = step_timeout, recycle_after
+        self.local = {}  # workers=0: slot -> env, in this process
+        self.procs, self.conns, self.episodes = [None] * workers, [None] * workers, [0] * workers
+        self._start(list(range(workers)))
+
+    def _start(self, ws: list[int]):
+        ctx = mp.get_context("spawn")
+        for w in ws:
+            self.conns[w], child = ctx.Pipe()
+            self.procs[w] = ctx.Process(target=env_worker, args=(child, self.env_cls, self.env_kwargs), daemon=True)
+            self.procs[w].start()
+            child.close()
+            self.episodes[w] = 0
+        for w in ws:  # wait until all are up, so that start-up time never counts against step_timeout
+            try:
+                self.conns[w].recv()
+            except EOFError:
+                raise RuntimeError("an env worker died while starting; its traceback is above") from None
+
+    def _stop(self, w: int, kill: bool = False):
+        if not kill:  # let the worker close its envs (ScienceWorld JVMs); killed, its JVMs exit with it anyway
+            try:
+                self.conns[w].send(("close", None))
+                self.procs[w].join(timeout=30)
+            except OSError:
+                pass
+        self.procs[w].kill()
+        self.procs[w].join()
+        self.conns[w].close()
+
+    def _run(self, cmd: str, slots: list[int], args: list[str]) -> list[Step]:
+        if not self.procs:
+            return [run_env_call(self.local, self.env_cls, self.env_kwargs, cmd, s, a) for s, a in zip(slots, args)]
+        pending = {}  # worker -> its slots not answered yet
+        for s, a in zip(slots, args):
+            pending.setdefault(s % len(self.procs), []).append((s, a))
+        for w, items in pending.items():
+            try:
+                self.conns[w].send((cmd, items))
+            except OSError:  # the worker died since the last call: its end of the pipe reads as closed below
+                pass
+            pending[w] = [s for s, _ in items]
+        results, deadline = {}, {w: time.monotonic() + self.step_timeout for w in pending}
+        while pending:
+            ready = wait([self.conns[w] for w in pending], max(0.0, min(deadline.values()) - time.monotonic()))
+            for w in list(pending):
+                error = None
+                if self.conns[w] in ready:
+                    try:
+                        slot, step = self.conns[w].recv()
+                        results[slot] = step
+                        pending[w].remove(slot)
+                        deadline[w] = time.monotonic() + self.step_timeout
+                    except (EOFError, OSError):
+                        self.procs[w].join(timeout=5)
+                        error = f"env worker process died (exit code {self.procs[w].exitcode})"
+                elif time.monotonic() > deadline[w]:
+                    error = f"env call exceeded step_timeout={self.step_timeout}s; worker restarted"
+                if error:
+                    self._stop(w, kill=True)
+                    self._start([w])
+                    results.update({s: failed_step(error) for s in pending[w]})
+                    pending[w] = []
+                if not pending[w]:
+                    del pending[w], deadline[w]
+        return [results[s] for s in slots]
+
+    def reset(self, tasks: list[str]) -> list[Step]:
+        """Start one episode per task, slot i playing tasks[i]; the previous batch's episodes end."""
+        stale = [w for w, n in enumerate(self.episodes) if n >= self.recycle_after]
+        for w in stale:  # between episodes: nothing live is lost
+            self._stop(w)
+        self._start(stale)
+        if self.procs:
+            for s in range(len(tasks)):
+                self.episodes[s % len(self.procs)] += 1
+        return self._run("reset", list(range(len(tasks))), tasks)
+
+    def step(self, slots: list[int], actions: list[str]) -> list[Step]:
+        """Step the episodes in `slots` with `actions`, in parallel across workers."""
+        return self._run("step", slots, actions)
+
+    def close(self):
+        for w in range(len(self.procs)):
+            self._stop(w)
+        for env in self.local.values():
+            env.close()
+        self.procs, self.local = [], {}
+
+
+# name -> "module:Class", imported on first use so that each benchmark's packages load only when it runs
+ENVS = {"tinyworld": "envs:TinyWorld", "alfworld": "envs:AlfWorld", "scienceworld": "envs:ScienceWorld", "webshop": "webshop:WebShop"}
+
+
+def env_class(name: str):
+    if name not in ENVS:
+        raise ValueError(f"unknown env {name!r}; choose one of {sorted(ENVS)}")
+    module, cls = ENVS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def make_env(name: str, **kwargs):
-    if name not in ENVS:
-        raise ValueError(f"unknown env {name!r}; choose one of {sorted(ENVS)}")
-    return ENVS[name](**kwargs)
+    return env_class(name)(**kwargs)

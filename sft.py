@@ -7,7 +7,7 @@ mistakes (so it also knows how to recover from states the expert never visits), 
 briefly on clean demonstrations only. Both are ordinary Hugging Face checkpoints and go through exactly the code
 path a 7B model does. Demonstration streams are built with tcod.Chat, the same token layout rollouts produce.
 
-    python sft.py                       # build (or rebuild with --force) the tiny models under runs/tiny
+    python sft.py --force               # rebuild the tiny models shipped in data/tiny (seeded; ~15 min on 2 cores)
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import tyro
 from tqdm import tqdm
 
 import kl
-from envs import TinyWorld, first_prompt, format_reply, turn_prompt
+from envs import EnvPool, TinyWorld, first_prompt, format_reply, turn_prompt
 
-TINY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs", "tiny")
+TINY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tiny")  # shipped; rebuilt by this file
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
@@ -40,10 +40,10 @@ class Args:
     """where the tiny tokenizer and models go"""
     seed: int = 0
     """seeds the demonstrations, the initialization and the data order"""
-    teacher_steps: int = 400
+    teacher_steps: int = 500
     """SFT steps for the tiny teacher"""
-    student_steps: int = 80
-    """SFT steps for the tiny student (few, so that it starts well below the teacher)"""
+    student_steps: int = 100
+    """the tiny student is the teacher's network after this many of its SFT steps"""
     noise: float = 0.2
     """teacher data: probability of a random action at each turn (never trained on; the expert's fix is)"""
 
@@ -111,14 +111,17 @@ def demo_stream(env, chat, task: str, think: bool, noise: float, rng: random.Ran
     return ep
 
 
-def sft(model, episodes, steps: int, lr: float, batch: int = 16, seed: int = 0, bf16: bool = False, desc: str = "sft") -> list[float]:
+def sft(model, episodes, steps: int, lr: float, batch: int = 16, seed: int = 0, bf16: bool = False, desc: str = "sft",
+        total: int | None = None, start: int = 0) -> list[float]:
     """Next-token NLL on the trained tokens of `episodes` (tcod.Episode, turn_of >= 0 = trained). Returns losses.
-    bf16: autocast the body to bfloat16 (2-3x faster on CPUs with bf16 units; the loss stays float32)."""
+    bf16: autocast the body to bfloat16 (2-3x faster on CPUs with bf16 units; the loss stays float32).
+    total, start: the learning-rate schedule's length and position, to continue one schedule over several calls."""
     from tcod import hidden_states, pad, trained_turns
 
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.1, 1 - s / steps))
+    total = total or steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (start + s + 1) / 20) * max(0.1, 1 - (start + s) / total))
     rng, losses = random.Random(seed), []
     model.train()
     for _ in (bar := tqdm(range(steps), desc=desc, leave=False)):
@@ -157,35 +160,36 @@ def tiny_model(tok, hidden: int, layers: int, seed: int):
 
 
 def build_tiny(args: Args) -> None:
-    from tcod import Args as RunArgs, Chat, LocalEnvs, episode_metrics, evaluate
+    """The teacher is SFT'd for teacher_steps; the student is the same network after only student_steps of that
+    training (a snapshot): the same family and tokenizer, far less competent, like a small model beside a large one."""
+    from tcod import Args as RunArgs, Chat, episode_metrics, evaluate
 
     t0 = time.time()
     tok = build_tokenizer(os.path.join(args.out, "tokenizer"))
     chat, env, rng = Chat(tok), TinyWorld(), random.Random(args.seed)
-    tasks = env.tasks("train")
-    teacher_data = [demo_stream(env, chat, t, False, args.noise, rng) for t in tasks[:2000]]
-    student_data = [demo_stream(env, chat, t, False, 0.0, rng) for t in tasks[2000:2500]]
-    # The paper distils a 7B teacher into a 3B student: here 4 layers into 2, and the student saw far less data.
-    for name, data, steps, layers in (("tiny-teacher", teacher_data, args.teacher_steps, 4), ("tiny-student", student_data, args.student_steps, 2)):
-        model = tiny_model(tok, 128, layers, args.seed)
-        losses = sft(model, data, steps, lr=3e-3, seed=args.seed, bf16=True, desc=name)
-        run = RunArgs(think=False, max_new_tokens=16)
-        test = evaluate(model, chat, LocalEnvs("tinyworld", {}), env, env.tasks("test")[:100], run, env.max_turns, 2048, seed=0)
+    data = [demo_stream(env, chat, t, False, args.noise, rng) for t in env.tasks("train")[:3000]]
+    model = tiny_model(tok, 128, 4, args.seed)
+    done = 0
+    for name, steps in (("tiny-student", args.student_steps), ("tiny-teacher", args.teacher_steps)):
+        losses = sft(model, data, steps - done, lr=3e-3, seed=args.seed + done, bf16=True, desc=name, total=args.teacher_steps, start=done)
+        done = steps
+        test = evaluate(model, chat, EnvPool("tinyworld", {}, 0), env, env.tasks("test")[:100], RunArgs(think=False, max_new_tokens=16), env.max_turns, 2048, seed=0)
         path, tmp = os.path.join(args.out, name), os.path.join(args.out, name + ".tmp")
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
-        print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {steps} SFT steps, final loss "
-              f"{sum(losses[-20:]) / 20:.3f}, test success {episode_metrics(test)['success']:.2f} (100 tasks, T=0.4)")
+        print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {steps} SFT steps, loss "
+              f"{sum(losses[-20:]) / 20:.3f}, test success {episode_metrics(test)['success']:.2f} (100 tasks, T=0.4)", flush=True)
     shutil.rmtree(os.path.join(args.out, "tokenizer"))
     print(f"tiny models built in {time.time() - t0:.0f}s under {args.out}")
 
 
 def tiny_model_dir(name: str) -> str:
-    """The directory of a tiny model, built on first use."""
+    """The directory of a tiny model (shipped in data/tiny; rebuilt here if it is missing)."""
     path = os.path.join(TINY_DIR, name)
     if not os.path.isdir(path):
+        print(f"{path} is missing: building the tiny models (python sft.py --force does the same)")
         build_tiny(Args())
     return path
 

