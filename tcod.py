@@ -583,6 +583,8 @@ def main(args: Args) -> dict:
     ckpt = last_checkpoint(args.out) if args.resume else None
     if args.resume and ckpt is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {args.out}")
+    if not args.resume and (last_checkpoint(args.out) or read_metrics(os.path.join(args.out, "metrics.jsonl"))):
+        raise FileExistsError(f"{args.out} already holds a run: continue it with --resume, or pass another --out")
     student = load_model(ckpt or resolve_model(args.student), args.dtype, args.device)
     teacher = load_model(resolve_model(args.teacher), args.dtype, args.device).requires_grad_(False)
     if args.gradient_checkpointing:
@@ -627,8 +629,8 @@ def main(args: Args) -> dict:
             for t in tasks:
                 if t not in demos:
                     demos[t] = env.demo(t)
-        # A B2F task without a successful demonstration is played from scratch, and counted (no_demo).
-        plans = [Plan(0, args.max_turns) if args.curriculum == "b2f" and not demos[t] else curriculum.plan(n, len(demos[t]) if demos else None) for t in tasks]
+        # B2F plays a task that has no successful demonstration from scratch, and counts it (no_demo).
+        plans = [curriculum.plan(n, len(demos[t])) if demos.get(t) else Plan(0, args.max_turns) if args.curriculum == "b2f" else curriculum.plan(n, None) for t in tasks]
         episodes = rollout(student, chat, envs, env, tasks, plans, [demos.get(t) for t in tasks], temperature=args.train_temperature, generator=gen, **kwargs)
         t1 = time.time()
         update = score_and_update(student, teacher, episodes, optimizer, args)

@@ -362,6 +362,9 @@ def test_bad_input_is_rejected_before_models_load(model_dirs, tmp_path, tok):
         tcod.main(small_args(tmp_path, "Qwen9-1B", teacher))
     with pytest.raises(ValueError, match="eta"):
         tcod.main(small_args(tmp_path, student, teacher, eta=0))
+    tcod.main(small_args(tmp_path / "a", student, teacher, steps=1))
+    with pytest.raises(FileExistsError, match="--resume"):  # a finished run is never overwritten
+        tcod.main(small_args(tmp_path / "a", student, teacher, steps=1))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         tcod.main(small_args(tmp_path, student, teacher, resume=True, out=str(tmp_path / "empty")))
     # a teacher whose tokenizer maps ids differently
