@@ -42,8 +42,10 @@ class Args:
     """seeds the demonstrations, the initialization and the data order"""
     teacher_steps: int = 500
     """SFT steps for the tiny teacher"""
-    student_steps: int = 100
+    student_steps: int = 150
     """the tiny student is the teacher's network after this many of its SFT steps"""
+    restart_at: int = 100
+    """SFT step at which the optimizer and data order restart (kept so that the shipped models reproduce)"""
     noise: float = 0.2
     """teacher data: probability of a random action at each turn (never trained on; the expert's fix is)"""
 
@@ -112,10 +114,11 @@ def demo_stream(env, chat, task: str, think: bool, noise: float, rng: random.Ran
 
 
 def sft(model, episodes, steps: int, lr: float, batch: int = 16, seed: int = 0, bf16: bool = False, desc: str = "sft",
-        total: int | None = None, start: int = 0) -> list[float]:
+        total: int | None = None, start: int = 0, on_step=None) -> list[float]:
     """Next-token NLL on the trained tokens of `episodes` (tcod.Episode, turn_of >= 0 = trained). Returns losses.
     bf16: autocast the body to bfloat16 (2-3x faster on CPUs with bf16 units; the loss stays float32).
-    total, start: the learning-rate schedule's length and position, to continue one schedule over several calls."""
+    total, start: the learning-rate schedule's length and position, to continue one schedule over several calls.
+    on_step: called with the global step number (start + steps done) after every step."""
     from tcod import hidden_states, pad, trained_turns
 
     device = next(model.parameters()).device
@@ -124,7 +127,7 @@ def sft(model, episodes, steps: int, lr: float, batch: int = 16, seed: int = 0, 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (start + s + 1) / 20) * max(0.1, 1 - (start + s) / total))
     rng, losses = random.Random(seed), []
     model.train()
-    for _ in (bar := tqdm(range(steps), desc=desc, leave=False)):
+    for i in (bar := tqdm(range(steps), desc=desc, leave=False)):
         mb = rng.sample(episodes, min(batch, len(episodes)))
         ids = pad([e.ids for e in mb], 0, device)
         mask = pad([trained_turns(e) for e in mb], -1, device) >= 0
@@ -139,6 +142,8 @@ def sft(model, episodes, steps: int, lr: float, batch: int = 16, seed: int = 0, 
         sched.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}")
+        if on_step:
+            on_step(start + i + 1)
     model.eval()
     return losses
 
@@ -160,27 +165,36 @@ def tiny_model(tok, hidden: int, layers: int, seed: int):
 
 
 def build_tiny(args: Args) -> None:
-    """The teacher is SFT'd for teacher_steps; the student is the same network after only student_steps of that
-    training (a snapshot): the same family and tokenizer, far less competent, like a small model beside a large one."""
+    """One SFT run of a 4-layer model: the teacher is its end, the student a snapshot from its middle (the same
+    family and tokenizer, far less competent, like a small model beside a large one)."""
     from tcod import Args as RunArgs, Chat, episode_metrics, evaluate
 
     t0 = time.time()
+    torch.set_num_threads(1)  # bitwise reproducible on a CPU, and on 2 shared cores not slower
     tok = build_tokenizer(os.path.join(args.out, "tokenizer"))
     chat, env, rng = Chat(tok), TinyWorld(), random.Random(args.seed)
     data = [demo_stream(env, chat, t, False, args.noise, rng) for t in env.tasks("train")[:3000]]
     model = tiny_model(tok, 128, 4, args.seed)
-    done = 0
-    for name, steps in (("tiny-student", args.student_steps), ("tiny-teacher", args.teacher_steps)):
-        losses = sft(model, data, steps - done, lr=3e-3, seed=args.seed + done, bf16=True, desc=name, total=args.teacher_steps, start=done)
-        done = steps
-        test = evaluate(model, chat, EnvPool("tinyworld", {}, 0), env, env.tasks("test")[:100], RunArgs(think=False, max_new_tokens=16), env.max_turns, 2048, seed=0)
+
+    def save(name: str, step: int) -> None:
+        was_training = model.training
+        test = evaluate(model.eval(), chat, EnvPool("tinyworld", {}, 0), env, env.tasks("test")[:100], RunArgs(think=False, max_new_tokens=16), env.max_turns, 2048, seed=0)
+        model.train(was_training)
         path, tmp = os.path.join(args.out, name), os.path.join(args.out, name + ".tmp")
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
-        print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {steps} SFT steps, loss "
-              f"{sum(losses[-20:]) / 20:.3f}, test success {episode_metrics(test)['success']:.2f} (100 tasks, T=0.4)", flush=True)
+        print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {step} SFT steps, "
+              f"test success {episode_metrics(test)['success']:.2f} (100 tasks, T=0.4)", flush=True)
+
+    # The optimizer and data order restart once, at restart_at: that is how the shipped models were made.
+    T, R = args.teacher_steps, args.restart_at
+    assert R < args.student_steps < T
+    sft(model, data, R, lr=3e-3, seed=args.seed, bf16=True, desc="sft", total=T)
+    sft(model, data, T - R, lr=3e-3, seed=args.seed + R, bf16=True, desc="sft", total=T, start=R,
+        on_step=lambda step: step == args.student_steps and save("tiny-student", step))
+    save("tiny-teacher", T)
     shutil.rmtree(os.path.join(args.out, "tokenizer"))
     print(f"tiny models built in {time.time() - t0:.0f}s under {args.out}")
 

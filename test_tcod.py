@@ -483,3 +483,17 @@ def test_main_on_webshop_with_b2f(model_dirs, tmp_path):
     drawn = random.Random(0).sample(shop.tasks("train"), 4)  # step 0's tasks for seed 0 (tcod: seed * 100_003 + n)
     assert row["no_demo"] == sum(shop.demo(t) is None for t in drawn)
     assert row["prefix"] > 0 and "eval_success" in row
+
+
+def test_sft_demo_streams_train_only_expert_actions_and_lower_the_loss(tok, chat):
+    import sft
+
+    env = TinyWorld()
+    episodes = [sft.demo_stream(env, chat, f"train-{i}", False, 0.5, random.Random(i)) for i in range(6)]
+    for ep in episodes:
+        replies = tok.decode([i for i, t in zip(ep.ids, ep.turn_of) if t >= 0])
+        assert replies.count("<action>") == len({t for t in ep.turn_of if t >= 0}) > 0
+        assert ep.turns > replies.count("<action>")  # with noise 0.5 some turns are random and left untrained
+        assert ep.ids[:3] == chat.first("x")[:3]  # the rollout's own chat layout: <|im_start|>user\n ...
+    losses = sft.sft(make_model(tok), episodes, steps=30, lr=3e-3, batch=3)
+    assert sum(losses[-5:]) / 5 < losses[0] - 1.0
