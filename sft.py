@@ -42,7 +42,7 @@ class Args:
     """seeds the demonstrations, the initialization and the data order"""
     teacher_steps: int = 500
     """SFT steps for the tiny teacher"""
-    student_steps: int = 150
+    student_steps: int = 255
     """the tiny student is the teacher's network after this many of its SFT steps"""
     restart_at: int = 100
     """SFT step at which the optimizer and data order restart (kept so that the shipped models reproduce)"""
