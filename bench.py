@@ -163,7 +163,7 @@ def main(args: Args) -> dict:
     rows.append(("kv-cache", "reuse", tps(cached, t_cached), "re-prefill", tps(fresh, t_fresh), f"tokens/s; same tokens: {same}"))
 
     # 4. memory of chosen-token log-probs
-    T, V = (256, 151_936) if args.quick else (2048, 151_936)
+    T, V = (1024, 151_936) if args.quick else (2048, 151_936)
     full, chunked = logprob_peak_memory("full", T, V), logprob_peak_memory("chunked", T, V)
     rows.append(("logprob memory", "chunked", 1 / max(chunked, 1e-3), "full fp32", 1 / max(full, 1e-3), f"1/MB; {chunked:.0f} vs {full:.0f} MB, T={T}"))
 

@@ -79,8 +79,9 @@ class Args:
     """sampling temperature during training rollouts"""
     eval_temperature: float = 0.4
     """sampling temperature during evaluation (full horizon, from scratch)"""
-    max_new_tokens: int = 512
-    """most tokens per student reply; a reply cut here usually has no action and counts as invalid"""
+    max_new_tokens: int | None = None
+    """most tokens per student reply (default 512; 32 for the tiny models, whose replies take 9); a reply cut here
+    usually has no action and counts as invalid"""
     max_context: int | None = None
     """most tokens in one episode's stream (default: the model's limit); an episode that would pass it ends as truncated"""
     think: bool | None = None
@@ -542,7 +543,8 @@ def resolve_args(args: Args) -> Args:
     if args.env_data is not None and not os.path.isdir(args.env_data):
         raise ValueError(f"--env-data {args.env_data!r} is not a directory")
     defaults = {
-        "steps": 40 if tiny else 250, "lr": 1e-4 if tiny else 1e-6, "think": not tiny, "max_turns": env_cls.max_turns,
+        "steps": 40 if tiny else 250, "lr": 1e-4 if tiny else 1e-6, "think": not tiny,
+        "max_new_tokens": 32 if tiny else 512, "max_turns": env_cls.max_turns,
         "env_workers": default_workers(args.env),
     }
     for key, value in defaults.items():
