@@ -2,12 +2,12 @@
 
 SFT (next-token NLL on the assistant tokens of successful demonstrations) is one of the paper's baselines. Here it
 also makes the CPU demo's models, offline: a byte-level BPE tokenizer trained on TinyWorld text with a ChatML
-template (the Qwen format), a tiny Qwen2 teacher trained to competence on expert demonstrations with injected
-mistakes (so it also knows how to recover from states the expert never visits), and a weaker tiny student trained
-briefly on clean demonstrations only. Both are ordinary Hugging Face checkpoints and go through exactly the code
+template (the Qwen format), and one SFT run of a tiny Qwen2 model on expert demonstrations with injected mistakes
+(so it also learns to recover from states the expert never visits). The teacher is the end of that run, the
+student a snapshot from its middle. Both are ordinary Hugging Face checkpoints and go through exactly the code
 path a 7B model does. Demonstration streams are built with tcod.Chat, the same token layout rollouts produce.
 
-    python sft.py --force               # rebuild the tiny models shipped in data/tiny (seeded; ~15 min on 2 cores)
+    python sft.py --force               # rebuild the tiny models shipped in data/tiny (seeded; ~35 min on 2 cores)
 """
 
 from __future__ import annotations
@@ -45,9 +45,9 @@ class Args:
     student_steps: int = 255
     """the tiny student is the teacher's network after this many of its SFT steps"""
     restart_at: int = 100
-    """SFT step at which the optimizer and data order restart (kept so that the shipped models reproduce)"""
+    """SFT step at which the optimizer and data order restart (the run that made the shipped models did this)"""
     noise: float = 0.2
-    """teacher data: probability of a random action at each turn (never trained on; the expert's fix is)"""
+    """probability of a random action at each demonstration turn (never trained on; the expert's fix is)"""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,7 +188,7 @@ def build_tiny(args: Args) -> None:
         print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {step} SFT steps, "
               f"test success {episode_metrics(test)['success']:.2f} (100 tasks, T=0.4)", flush=True)
 
-    # The optimizer and data order restart once, at restart_at: that is how the shipped models were made.
+    # The optimizer and data order restart once, at restart_at, as in the run that made the shipped models.
     T, R = args.teacher_steps, args.restart_at
     assert R < args.student_steps < T
     sft(model, data, R, lr=3e-3, seed=args.seed, bf16=True, desc="sft", total=T)
