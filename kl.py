@@ -109,7 +109,8 @@ def _divergence_chunk(start, stop, kind, beta, s_hidden, s_head, t_hidden, t_hea
     # the backward, so passing teacher log-probs would keep all chunks' [B, c, V] alive. The price is that the
     # teacher's head runs again in the recomputation, a small cost next to the saved memory.
     with torch.no_grad():  # the teacher is a fixed target: no gradient into it
-        t_logits = head_logits(t_head, t_hidden[:, start:stop], t_softcap)
+        # the teacher may sit on its own device; only this chunk's logits come over
+        t_logits = head_logits(t_head, t_hidden[:, start:stop], t_softcap).to(s_hidden.device)
     s_logits = head_logits(s_head, s_hidden[:, start:stop], s_softcap)
     # Models of one family pad their vocabularies differently (Qwen2.5-7B: 152064, 1.5B: 151936); the extra
     # rows are never-used ids, so compare the shared prefix and renormalize over it.
@@ -147,14 +148,15 @@ def full_divergence(
     return _chunked(_divergence_chunk, s_hidden.shape[1], chunk, *args)
 
 
-def loss_weights(turn_ids: list[torch.Tensor], mode: str) -> list[torch.Tensor]:
+def loss_weights(turn_ids: list[torch.Tensor], mode: str, total: int | None = None) -> list[torch.Tensor]:
     """Per-position float32 weights, one tensor per episode, so that sum_e (w[e] * loss[e]).sum() is the step's loss.
 
     turn_ids[e] holds, per prediction position, the index of the turn it belongs to, or -1 where untrained.
     "token-mean": every trained position of every episode counts equally (1 / N_tokens).
     "seq-mean-token-mean": each (episode, turn) response is one sequence; mean over its tokens, then mean over
     all sequences (1 / (n_tokens_in_sequence * N_sequences)). Untrained positions, and all positions when
-    nothing is trained, get weight 0.
+    nothing is trained, get weight 0. total overrides the count N (tokens or sequences): under data parallelism it
+    is the count over all ranks, so that summed gradients equal one process's (count_units gives a rank's share).
     """
     if mode not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {mode!r}; expected one of {AGGREGATIONS}")
@@ -172,4 +174,11 @@ def loss_weights(turn_ids: list[torch.Tensor], mode: str) -> list[torch.Tensor]:
             w[trained] = 1.0 / counts[inverse].float()
             n_units += len(turns)
         weights.append(w)
-    return [w / max(n_units, 1) for w in weights]
+    return [w / max(n_units if total is None else total, 1) for w in weights]
+
+
+def count_units(turn_ids: list[torch.Tensor], mode: str) -> int:
+    """N in loss_weights: trained positions ("token-mean") or (episode, turn) responses ("seq-mean-token-mean")."""
+    if mode == "token-mean":
+        return sum(int((ids >= 0).sum()) for ids in turn_ids)
+    return sum(len(torch.unique(ids[ids >= 0])) for ids in turn_ids)

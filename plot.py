@@ -1,19 +1,63 @@
 """Curves from one or more runs' metrics.jsonl: trajectory KL, success, depth k, and KL by turn over training.
 
     python plot.py runs/tinyworld-f2b-s0 runs/tinyworld-opd-s0 --out curves.png
-matplotlib is optional: training runs without it and only the plot is skipped.
+
+Runs whose names differ only in a trailing -s<seed> are one group: a line for the mean over seeds and a band from
+the lowest to the highest seed. Next to curves.png goes curves-heatmap.png: per group, the per-token KL by turn
+index (y) over training (x), on the training episodes and on the full-horizon eval episodes (the paper's Fig. 2d
+diagnostic, followed over time). matplotlib is optional: training runs without it and only the plot is skipped.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import sys
+from collections import defaultdict
 
 
 def load(run: str) -> list[dict]:
     with open(os.path.join(run, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return [json.loads(line) for line in f if line.strip().endswith("}")]
+
+
+def group_runs(runs: list[str]) -> dict[str, list[str]]:
+    """{group label: run dirs}, a group being the runs whose names differ only in a trailing -s<seed>."""
+    groups = defaultdict(list)
+    for run in runs:
+        groups[re.sub(r"-s\d+$", "", os.path.basename(os.path.normpath(run)))].append(run)
+    return dict(groups)
+
+
+def series(rows_per_run: list[list[dict]], key: str, x_of=lambda r: r["step"]) -> tuple[list, list, list, list]:
+    """x, mean, low, high of a metric over the runs of a group, at the x values every run has."""
+    per_run = [{x_of(r): r[key] for r in rows if r.get(key) is not None} for rows in rows_per_run]
+    xs = sorted(set.intersection(*(set(d) for d in per_run))) if per_run else []
+    vals = [[d[x] for d in per_run] for x in xs]
+    return xs, [sum(v) / len(v) for v in vals], [min(v) for v in vals], [max(v) for v in vals]
+
+
+def eval_x(row: dict) -> int:
+    return row["step"] + 1  # an eval after step n is at n + 1 (the first, before training, at 0)
+
+
+def kl_grid(rows_per_run: list[list[dict]], key: str) -> tuple[list[int], list[list[float]]]:
+    """Steps and per-turn KL (mean over the runs that have it, NaN where none does), for a heat map."""
+    by_step = defaultdict(list)
+    for rows in rows_per_run:
+        for r in rows:
+            if r.get(key) is not None:
+                by_step[eval_x(r) if key.startswith("eval_") else r["step"]].append(r[key])
+    steps = sorted(by_step)
+    grid = []
+    for s in steps:
+        cols = by_step[s]
+        turns = max(len(c) for c in cols)
+        vals = [[c[t] for c in cols if t < len(c) and c[t] is not None] for t in range(turns)]
+        grid.append([sum(v) / len(v) if v else math.nan for v in vals])
+    return steps, grid
 
 
 def plot_runs(runs: list[str], out: str) -> str:
@@ -22,32 +66,53 @@ def plot_runs(runs: list[str], out: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    groups = {label: [load(r) for r in members] for label, members in group_runs(runs).items()}
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
-    (ax_kl, ax_succ), (ax_k, ax_turn) = axes
-    for run in runs:
-        rows = load(run)
-        train = [r for r in rows if r["step"] >= 0]
-        label = os.path.basename(os.path.normpath(run))
-        steps = [r["step"] for r in train]
-        (line,) = ax_kl.plot(steps, [r["traj_kl"] for r in train], label=label)
-        ax_succ.plot(steps, [r["success"] for r in train], color=line.get_color(), alpha=0.35, lw=1)
-        evals = [(r["step"] + 1 if r["step"] >= 0 else 0, r["eval_success"]) for r in rows if "eval_success" in r]
-        if evals:
-            ax_succ.plot(*zip(*evals), "o-", color=line.get_color(), label=f"{label} (eval)")
-        ax_k.plot(steps, [r["k"] for r in train], color=line.get_color(), label=label)
-    ax_kl.set(title="trajectory KL (sum over the episode's student tokens)", xlabel="step", ylabel="nats")
-    ax_succ.set(title="success: eval (dots, full horizon) and training episodes (faint)", xlabel="step", ylim=(-0.02, 1.02))
-    ax_k.set(title="curriculum depth k", xlabel="step", ylabel="turns")
-    # KL by turn over training for the first run: where in the episode the student and teacher disagree.
-    train = [r for r in load(runs[0]) if r["step"] >= 0]
-    if train:
-        grid = [[v if v is not None else float("nan") for v in r["kl_by_turn"]] for r in train]
-        im = ax_turn.imshow(list(map(list, zip(*grid))), aspect="auto", origin="lower", cmap="magma", interpolation="nearest")
-        fig.colorbar(im, ax=ax_turn, label="per-token KL")
-    ax_turn.set(title=f"KL by turn index ({os.path.basename(os.path.normpath(runs[0]))})", xlabel="step", ylabel="turn")
-    for ax in (ax_kl, ax_succ, ax_k):
+    panels = [
+        (axes[0, 0], "traj_kl", False, "training trajectory KL (sum over an episode's student tokens)"),
+        (axes[0, 1], "eval_success", True, "eval success (full horizon, from scratch, T=0.4)"),
+        (axes[1, 0], "eval_traj_kl", True, "eval trajectory KL (full horizon: comparable across curricula)"),
+        (axes[1, 1], "k", False, "curriculum depth k"),
+    ]
+    for label, rows_per_run in groups.items():
+        train = [[r for r in rows if r["step"] >= 0] for rows in rows_per_run]
+        color = None
+        for ax, key, is_eval, _ in panels:
+            xs, mean, low, high = series(rows_per_run if is_eval else train, key, eval_x if is_eval else lambda r: r["step"])
+            if not xs:
+                continue
+            n = len(rows_per_run)
+            (line,) = ax.plot(xs, mean, "o-" if is_eval else "-", ms=3, color=color, label=f"{label} ({n} seed{'s' * (n > 1)})")
+            color = line.get_color()
+            if n > 1:
+                ax.fill_between(xs, low, high, color=color, alpha=0.2, lw=0)
+    for ax, key, _, title in panels:
+        ax.set(title=title, xlabel="step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    axes[0, 1].set_ylim(-0.02, 1.02)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    heatmaps(groups, os.path.splitext(out)[0] + "-heatmap.png")
+    return out
+
+
+def heatmaps(groups: dict[str, list[list[dict]]], out: str) -> str:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(groups), figsize=(4 * len(groups) + 1, 6.5), squeeze=False)
+    for col, (label, rows_per_run) in enumerate(groups.items()):
+        for row, key, what in ((0, "kl_by_turn", "training episodes"), (1, "eval_kl_by_turn", "eval episodes")):
+            ax = axes[row, col]
+            steps, grid = kl_grid(rows_per_run, key)
+            if grid:
+                turns = max(map(len, grid))
+                cells = [[g[t] if t < len(g) else math.nan for g in grid] for t in range(turns)]
+                im = ax.imshow(cells, aspect="auto", origin="lower", cmap="magma", interpolation="nearest",
+                               extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, turns - 0.5))
+                fig.colorbar(im, ax=ax, label="per-token KL")
+            ax.set(title=f"{label}: {what}", xlabel="step", ylabel="turn")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

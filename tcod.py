@@ -110,7 +110,13 @@ class Args:
     resume: bool = False
     """continue from <out>/ckpt"""
     device: str | None = None
-    """torch device (default: cuda if available, else cpu)"""
+    """torch device for the student (default: cuda if available, else cpu; under torchrun, cuda:LOCAL_RANK)"""
+    teacher_device: str | None = None
+    """torch device for the teacher (default: the student's), e.g. cuda:1 to give each model a GPU of its own"""
+    max_bad_steps: int = 5
+    """stop after this many skipped updates in a row (non-finite gradient, or no student token): the run is broken"""
+    demos: str | None = None
+    """B2F: a demonstrations file from `eval.py --samples K` (the teacher's successes) instead of the env's own"""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -392,47 +398,87 @@ def microbatches(episodes: list[Episode], size: int):
     return [order[i : i + size] for i in range(0, len(order), size)]
 
 
-def score_and_update(student, teacher, episodes, optimizer, args: Args) -> dict:
-    """Teacher scoring, the loss, the backward and the optimizer step; returns per-token KL stats and loss."""
-    device = next(student.parameters()).device
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def teacher_logprobs(teacher, ids: torch.Tensor, targets: torch.Tensor):
+    """The teacher's hidden states (on its own device, see --teacher-device) and log p_teacher(target) on ids' device."""
+    with torch.no_grad():
+        dev = model_device(teacher)
+        hidden = hidden_states(teacher, ids.to(dev))
+        logp = kl.token_logprobs(hidden, teacher.get_output_embeddings(), targets.to(dev), softcap=softcap(teacher))
+    return hidden, logp.to(ids.device)
+
+
+def batch_tensors(episodes: list[Episode], mb: list[int], turns: list[torch.Tensor], device):
+    ids = pad([episodes[i].ids for i in mb], 0, device)
+    return ids, kl.causal_targets(ids), pad([turns[i].tolist() for i in mb], -1, device)
+
+
+def per_token(kl_tokens: list, mb: list[int], turn_ids: torch.Tensor, d: torch.Tensor) -> None:
+    """Append (episode index, turn, d) for each student token of a micro-batch."""
+    mask = turn_ids >= 0
+    for r, i in enumerate(mb):
+        kl_tokens += [(i, t, v) for t, v in zip(turn_ids[r][mask[r]].tolist(), d[r][mask[r]].tolist())]
+
+
+@torch.no_grad()
+def score_episodes(student, teacher, episodes: list[Episode], micro_batch: int) -> list:
+    """Per-token d = log p_s - log p_t at every student token, no update: the KL diagnostics of eval episodes."""
+    device = model_device(student)
     turns = [torch.tensor(trained_turns(ep), dtype=torch.long) for ep in episodes]
-    weights = kl.loss_weights(turns, args.aggregation)
+    kl_tokens = []
+    for mb in microbatches(episodes, micro_batch):
+        ids, targets, turn_ids = batch_tensors(episodes, mb, turns, device)
+        logp_s = kl.token_logprobs(hidden_states(student, ids), student.get_output_embeddings(), targets, softcap=softcap(student))
+        per_token(kl_tokens, mb, turn_ids, kl.sampled_kl(logp_s, teacher_logprobs(teacher, ids, targets)[1]))
+    return kl_tokens
+
+
+def score_and_update(student, teacher, episodes, optimizer, args: Args, dist: "Dist | None" = None) -> dict:
+    """Teacher scoring, the loss, the backward and the optimizer step; returns per-token KL stats and loss.
+
+    Under data parallelism (dist) each rank holds its share of the step's episodes; the loss weights are
+    normalized by the global token (or response) count and the gradients summed over ranks, so the update is
+    exactly the one a single process would make on all the episodes.
+    """
+    device = model_device(student)
+    turns = [torch.tensor(trained_turns(ep), dtype=torch.long) for ep in episodes]
+    weights = kl.loss_weights(turns, args.aggregation, total=dist.global_units(turns, args.aggregation) if dist else None)
     student.train()
     optimizer.zero_grad(set_to_none=True)
     loss_total, kl_tokens = 0.0, []  # kl_tokens: (episode index, turn, d) per student token
     for mb in microbatches(episodes, args.micro_batch):
-        ids = pad([episodes[i].ids for i in mb], 0, device)
-        targets = kl.causal_targets(ids)
-        turn_ids = pad([turns[i].tolist() for i in mb], -1, device)
+        ids, targets, turn_ids = batch_tensors(episodes, mb, turns, device)
         w = torch.zeros(ids.shape, dtype=torch.float32, device=device)
         for r, i in enumerate(mb):
             w[r, : len(weights[i])] = weights[i].to(device)
-        with torch.no_grad():
-            t_hidden = hidden_states(teacher, ids.to(next(teacher.parameters()).device)).to(device)
-            logp_t = kl.token_logprobs(t_hidden, teacher.get_output_embeddings(), targets, softcap=softcap(teacher))
+        t_hidden, logp_t = teacher_logprobs(teacher, ids, targets)
         s_hidden = hidden_states(student, ids)
         logp_s = kl.token_logprobs(s_hidden, student.get_output_embeddings(), targets, softcap=softcap(student))
         d = kl.sampled_kl(logp_s.detach(), logp_t)  # per token, the k1 estimate of KL(student || teacher)
         if args.estimator == "k1":
             # Policy gradient with advantage A = -kl_coef * d. The ratio exp(logp - logp.detach()) is 1 on-policy,
             # so the loss value is the mean KL and its gradient is -A * grad log p (one update per batch).
-            per_token = args.kl_coef * d * torch.exp(logp_s - logp_s.detach())
+            loss_per_token = args.kl_coef * d * torch.exp(logp_s - logp_s.detach())
         else:
-            per_token = args.kl_coef * kl.full_divergence(
+            loss_per_token = args.kl_coef * kl.full_divergence(
                 args.estimator, s_hidden, student.get_output_embeddings(), t_hidden, teacher.get_output_embeddings(),
                 beta=args.jsd_beta, s_softcap=softcap(student), t_softcap=softcap(teacher),
             )
-        loss = (w * per_token).sum()
+        loss = (w * loss_per_token).sum()
         loss.backward()
         loss_total += loss.item()
-        mask = turn_ids >= 0
-        for r, i in enumerate(mb):
-            sel = mask[r]
-            kl_tokens += [(i, t, v) for t, v in zip(turn_ids[r][sel].tolist(), d[r][sel].tolist())]
+        per_token(kl_tokens, mb, turn_ids, d)
+    if dist:
+        dist.sum_gradients(student)
+        loss_total = dist.sum(loss_total)
     grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip).item()
-    # No student token (every episode truncated at once) or a non-finite gradient: skip the step, since Adam would
-    # still move the weights on its momentum, or spread the NaN into them.
-    skipped = not kl_tokens or not math.isfinite(grad_norm)
+    # No student token on any rank (every episode truncated at once) or a non-finite gradient: skip the step, since
+    # Adam would still move the weights on its momentum, or spread the NaN into them.
+    tokens = dist.sum(len(kl_tokens)) if dist else len(kl_tokens)
+    skipped = not tokens or not math.isfinite(grad_norm)
     if not skipped:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -483,15 +529,78 @@ def evaluate(model, chat, envs, env, tasks, args: Args, max_turns: int, max_cont
 
 
 # --------------------------------------------------------------------------------------------------
+# Data parallelism: `torchrun --nproc-per-node N tcod.py ...` (NCCL on GPUs, Gloo on CPU)
+
+
+class Dist:
+    """Each rank plays its share of the step's tasks; gradients are summed, metrics gathered; rank 0 writes."""
+
+    def __init__(self):
+        import torch.distributed as td
+
+        self.td = td
+        self.cuda = torch.cuda.is_available()
+        td.init_process_group("nccl" if self.cuda else "gloo")
+        self.rank, self.world = td.get_rank(), td.get_world_size()
+        self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if self.cuda else torch.device("cpu")
+
+    @staticmethod
+    def from_env() -> "Dist | None":
+        return Dist() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+
+    def shard(self, items: list) -> list:
+        return items[self.rank :: self.world]
+
+    def sum(self, x: float) -> float:
+        t = torch.tensor([float(x)], dtype=torch.float64, device=self.device)
+        self.td.all_reduce(t)
+        return t.item()
+
+    def global_units(self, turns: list[torch.Tensor], aggregation: str) -> int:
+        return round(self.sum(kl.count_units(turns, aggregation)))
+
+    def sum_gradients(self, model) -> None:
+        # One flat all-reduce after all micro-batches, rather than DDP's hooks on each backward: ranks hold
+        # different numbers of micro-batches (episodes differ in length), and DDP needs the same on every rank.
+        params = [p for p in model.parameters() if p.requires_grad]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.flatten() for p in params])
+        self.td.all_reduce(flat)
+        for p, g in zip(params, flat.split([p.numel() for p in params])):
+            p.grad.copy_(g.view_as(p))
+
+    def gather(self, obj) -> list:
+        out = [None] * self.world
+        self.td.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        self.td.barrier()
+
+
+def gather_episodes(dist: "Dist | None", episodes: list[Episode], kl_tokens: list) -> tuple[list[Episode], list]:
+    """All ranks' episodes and per-token KL, episode indices renumbered in rank order."""
+    if dist is None:
+        return episodes, kl_tokens
+    all_episodes, all_tokens = [], []
+    for eps, toks in dist.gather((episodes, kl_tokens)):
+        all_tokens += [(i + len(all_episodes), t, v) for i, t, v in toks]
+        all_episodes += eps
+    return all_episodes, all_tokens
+
+
+# --------------------------------------------------------------------------------------------------
 # Checkpoints: written to a temp dir and renamed, so a kill at any moment leaves the last complete one.
 
 
-def save_checkpoint(out: str, student, tok, optimizer, curriculum: Curriculum, step: int) -> None:
+def save_checkpoint(out: str, student, tok, optimizer, curriculum: Curriculum, step: int, bad_in_a_row: int = 0) -> None:
     final, tmp, old = (os.path.join(out, n) for n in ("ckpt", "ckpt.tmp", "ckpt.old"))
     shutil.rmtree(tmp, ignore_errors=True)
     student.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "curriculum": curriculum.state_dict(), "step": step}, os.path.join(tmp, "trainer.pt"))
+    torch.save({"optimizer": optimizer.state_dict(), "curriculum": curriculum.state_dict(), "step": step, "bad_in_a_row": bad_in_a_row}, os.path.join(tmp, "trainer.pt"))
     if os.path.isdir(final):
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
@@ -540,6 +649,10 @@ def resolve_args(args: Args) -> Args:
             resolve_model(name)  # fails on an unknown short name
     if args.k_start < 1 or args.eta < 1:
         raise ValueError(f"need k_start >= 1 and eta >= 1 (got {args.k_start}, {args.eta})")
+    if args.demos and args.curriculum != "b2f":
+        raise ValueError(f"--demos is for --curriculum b2f (got {args.curriculum})")
+    if args.max_bad_steps < 1:
+        raise ValueError(f"need max_bad_steps >= 1 (got {args.max_bad_steps})")
     if args.env_data is not None and not os.path.isdir(args.env_data):
         raise ValueError(f"--env-data {args.env_data!r} is not a directory")
     defaults = {
@@ -571,81 +684,114 @@ def load_tokenizers(args: Args):
     return tok
 
 
+def load_demos(path: str, env_name: str) -> dict[str, list[str]]:
+    """A demonstrations file written by `eval.py --samples K`: task -> the teacher's first successful actions."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--demos {path!r}: no such file (make one with `python eval.py --samples K --splits train`)")
+    with open(path) as f:
+        data = json.load(f)
+    if data.get("env") != env_name:
+        raise ValueError(f"--demos {path!r} holds {data.get('env')!r} demonstrations, not {env_name!r}")
+    return data["demos"]
+
+
 def main(args: Args) -> dict:
+    dist = Dist.from_env()
+    if dist and dist.cuda and args.device is None:
+        args.device = str(dist.device)
     args = resolve_args(args)
+    lead = dist is None or dist.rank == 0  # the one process that writes metrics, checkpoints and plots
+    file_demos = load_demos(args.demos, args.env) if args.demos else None
     tok = load_tokenizers(args)  # fails on a mismatch before the (large) models load
     chat = Chat(tok)
     env_kwargs = {"data": args.env_data} if args.env_data else {}
     env = make_env(args.env, **env_kwargs)
     train_tasks = env.tasks("train")
     eval_tasks = env.tasks(env.eval_splits[0])[: args.eval_tasks]
-    demos = {}  # B2F: task -> demonstration (None: none succeeds), made when a task is first drawn
+    if args.tasks_per_step > len(train_tasks):
+        raise ValueError(f"--tasks-per-step {args.tasks_per_step} is more than the {len(train_tasks)} training tasks")
+    # B2F: task -> demonstration (None: none succeeds); from --demos, or made by the env when a task is first drawn
+    demos = dict(file_demos or {})
 
-    os.makedirs(args.out, exist_ok=True)
     ckpt = last_checkpoint(args.out) if args.resume else None
     if args.resume and ckpt is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {args.out}")
     if not args.resume and (last_checkpoint(args.out) or read_metrics(os.path.join(args.out, "metrics.jsonl"))):
         raise FileExistsError(f"{args.out} already holds a run: continue it with --resume, or pass another --out")
+    if dist:
+        dist.barrier()  # every rank has checked the output dir before rank 0 writes to it
     student = load_model(ckpt or resolve_model(args.student), args.dtype, args.device)
-    teacher = load_model(resolve_model(args.teacher), args.dtype, args.device).requires_grad_(False)
+    teacher = load_model(resolve_model(args.teacher), args.dtype, args.teacher_device or args.device).requires_grad_(False)
     if args.gradient_checkpointing:
         student.gradient_checkpointing_enable()
     model_limit = min(getattr(m.config, "max_position_embeddings", 1 << 30) for m in (student, teacher))
     max_context = min(args.max_context or model_limit, model_limit)
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
     curriculum = Curriculum(args.curriculum, args.k_start, args.eta, args.max_turns, args.kl_gate, args.max_dwell)
-    start = 0
+    start, bad_in_a_row = 0, 0
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     if ckpt:
         state = torch.load(os.path.join(ckpt, "trainer.pt"), weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         curriculum = Curriculum.from_state_dict(state["curriculum"])
-        start = state["step"]
-        # Rows past the checkpoint belong to steps that will run again: drop them so each step appears once.
-        rows = [r for r in read_metrics(metrics_path) if r["step"] < start]
-        with open(metrics_path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-    else:
+        start, bad_in_a_row = state["step"], state.get("bad_in_a_row", 0)
+        if lead:  # rows past the checkpoint belong to steps that will run again: drop them so each step appears once
+            rows = [r for r in read_metrics(metrics_path) if r["step"] < start]
+            with open(metrics_path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+    elif lead:
+        os.makedirs(args.out, exist_ok=True)
         open(metrics_path, "w").close()
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(asdict(args), f, indent=2)
 
     envs = EnvPool(args.env, env_kwargs, args.env_workers)
     kwargs = dict(max_new_tokens=args.max_new_tokens, max_turns=args.max_turns, max_context=max_context, think=args.think)
+    rank_seed = dist.rank if dist else 0
 
     def run_eval(step: int) -> dict:
-        episodes = evaluate(student, chat, envs, env, eval_tasks, args, args.max_turns, max_context, args.seed)
-        return episode_metrics(episodes, "eval_")
+        """Full horizon from scratch; the teacher also scores the episodes: KL by turn where the curriculum never cut."""
+        mine = dist.shard(eval_tasks) if dist else eval_tasks
+        episodes = evaluate(student, chat, envs, env, mine, args, args.max_turns, max_context, args.seed + 1_000 * rank_seed)
+        episodes, kl_tokens = gather_episodes(dist, episodes, score_episodes(student, teacher, episodes, args.micro_batch))
+        klm = kl_metrics(kl_tokens, len(episodes), args.max_turns)
+        return {**episode_metrics(episodes, "eval_"), **{f"eval_{k}": v for k, v in klm.items()}}
 
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"{args.curriculum} {args.env}")
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"{args.curriculum} {args.env}", disable=not lead)
     row = {}
     if start == 0:
-        append_metrics(metrics_path, {"step": -1, **run_eval(0)})  # the student before training
+        first = {"step": -1, **run_eval(0)}  # the student before training
+        if lead:
+            append_metrics(metrics_path, first)
     for n in bar:
         t0 = time.time()
-        torch.manual_seed(args.seed * 100_003 + n)
-        gen = torch.Generator().manual_seed(args.seed * 100_003 + n)
-        tasks = random.Random(args.seed * 100_003 + n).sample(train_tasks, args.tasks_per_step)
+        step_seed = args.seed * 100_003 + n  # all of step n's randomness: resume replays it exactly
+        torch.manual_seed(step_seed)
+        gen = torch.Generator().manual_seed(step_seed + 1_000_003 * rank_seed)
+        tasks = random.Random(step_seed).sample(train_tasks, args.tasks_per_step)
+        tasks = dist.shard(tasks) if dist else tasks
         if args.curriculum == "b2f":
             for t in tasks:
                 if t not in demos:
-                    demos[t] = env.demo(t)
+                    demos[t] = None if file_demos is not None else env.demo(t)
         # B2F plays a task that has no successful demonstration from scratch, and counts it (no_demo).
         plans = [curriculum.plan(n, len(demos[t])) if demos.get(t) else Plan(0, args.max_turns) if args.curriculum == "b2f" else curriculum.plan(n, None) for t in tasks]
+        no_demo = sum(args.curriculum == "b2f" and not demos[t] for t in tasks)
         episodes = rollout(student, chat, envs, env, tasks, plans, [demos.get(t) for t in tasks], temperature=args.train_temperature, generator=gen, **kwargs)
         t1 = time.time()
-        update = score_and_update(student, teacher, episodes, optimizer, args)
+        update = score_and_update(student, teacher, episodes, optimizer, args, dist)
         t2 = time.time()
-        klm = kl_metrics(update["kl_tokens"], len(episodes), args.max_turns)
+        episodes, kl_tokens = gather_episodes(dist, episodes, update["kl_tokens"])
+        klm = kl_metrics(kl_tokens, len(episodes), args.max_turns)
         k = curriculum.depth(n)
-        curriculum.update(klm["kl_by_turn"])
+        curriculum.update(klm["kl_by_turn"])  # the same gathered numbers on every rank: the same depth everywhere
+        bad_in_a_row = bad_in_a_row + 1 if update["skipped"] else 0
         row = {
             "step": n,
             "k": k if k is not None else args.max_turns,
             "prefix": sum(e.prefix for e in episodes) / len(episodes),
             "replay_done": sum(e.replay_done for e in episodes),
-            "no_demo": sum(args.curriculum == "b2f" and not demos[t] for t in tasks),
+            "no_demo": round(dist.sum(no_demo)) if dist else no_demo,
             **klm,
             **episode_metrics(episodes),
             "loss": update["loss"],
@@ -659,19 +805,28 @@ def main(args: Args) -> dict:
         if last or (args.eval_every and (n + 1) % args.eval_every == 0):
             row.update(run_eval(n + 1))
         row["time_step"] = time.time() - t0
-        append_metrics(metrics_path, row)  # before the checkpoint: a kill in between only repeats this step
-        if last or (n + 1) % args.save_every == 0:
-            save_checkpoint(args.out, student, tok, optimizer, curriculum, n + 1)
+        if lead:
+            append_metrics(metrics_path, row)  # before the checkpoint: a kill in between only repeats this step
+            if last or (n + 1) % args.save_every == 0:
+                save_checkpoint(args.out, student, tok, optimizer, curriculum, n + 1, bad_in_a_row)
+        if bad_in_a_row >= args.max_bad_steps:
+            raise RuntimeError(
+                f"{bad_in_a_row} updates in a row were skipped (non-finite gradient or no student token, see 'skipped' "
+                f"in {metrics_path}); stopping. Lower --lr, or check the models; the last checkpoint is in {args.out}"
+            )
         bar.set_postfix(k=row["k"], kl=f"{row['traj_kl']:.2f}", succ=f"{row['success']:.2f}", **({"eval": f"{row['eval_success']:.2f}"} if "eval_success" in row else {}))
     envs.close()
     env.close()
-    try:
-        import plot
+    if lead:
+        try:
+            import plot
 
-        plot.plot_runs([args.out], os.path.join(args.out, "curves.png"))
-    except ImportError as e:  # matplotlib is optional
-        print(f"no plot: {e}")
-    print(json.dumps({k: v for k, v in row.items() if k != "kl_by_turn"}, indent=1))
+            plot.plot_runs([args.out], os.path.join(args.out, "curves.png"))
+        except ImportError as e:  # matplotlib is optional
+            print(f"no plot: {e}")
+        print(json.dumps({k: v for k, v in row.items() if not isinstance(v, list)}, indent=1))
+    if dist:
+        dist.td.destroy_process_group()
     return row
 
 
