@@ -9,7 +9,12 @@ Prints a table and writes bench.json. Each row names the two variants and their 
   scoring    the teacher scoring whole trajectories in one pass vs once per turn with the growing prompt
   kv-cache   rollout keeping the KV cache across turns vs re-prefilling the whole history every turn
   logprob    peak memory of chosen-token log-probs at vocab 151,936 x 2,048 tokens: chunked vs full float32
-  step       a whole training step, and the step time over the sum of its parts measured alone
+  env        stepping N episodes through the worker pool vs serially in this process, for the built-in world
+             and ALFWorld (when installed; its demos drive the episodes, so both variants take the same steps)
+  step       a whole training step split into generate (model forwards / sampling and bookkeeping), env,
+             teacher forward, student forward+backward, optimizer and other; then the step time over the sum of
+             its model passes (the generation forwards as timed inside the rollout, the teacher and student
+             passes timed alone on the same batch): 1.0 would mean no time outside the models
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ class Args:
     """auto, float32 or bfloat16"""
     quick: bool = False
     """a smoke run: few episodes and turns, small memory test"""
+    env_workers: int = 2
+    """worker processes for the env row's pool variant"""
     out: str = "bench.json"
     """where the figures go"""
 
@@ -85,6 +92,63 @@ def roll(model, chat, env_name, tasks, turns, seed=0, decoder=None):
         )
     finally:
         tcod.Decoder = old
+
+
+class TimedDecoder(tcod.Decoder):
+    """tcod.Decoder that adds up the time of its model forwards and of whole replies (forwards + sampling)."""
+
+    forward_s = reply_s = 0.0
+
+    def _forward(self, chunks):
+        out, t = timed(lambda: super(TimedDecoder, self)._forward(chunks))
+        TimedDecoder.forward_s += t
+        return out
+
+    def reply(self, *a, **k):
+        out, t = timed(lambda: super(TimedDecoder, self).reply(*a, **k))
+        TimedDecoder.reply_s += t
+        return out
+
+
+class TimedPool:
+    """An EnvPool that adds up the time spent in env resets and steps."""
+
+    def __init__(self, pool):
+        self.pool, self.seconds = pool, 0.0
+
+    def reset(self, tasks):
+        out, t = timed(lambda: self.pool.reset(tasks))
+        self.seconds += t
+        return out
+
+    def step(self, slots, actions):
+        out, t = timed(lambda: self.pool.step(slots, actions))
+        self.seconds += t
+        return out
+
+
+def env_pool_row(env_name: str, n: int, turns: int, workers: int) -> tuple:
+    """Reset n episodes and play up to `turns` demo actions each, through a pool of `workers` vs in-process."""
+    env = make_env(env_name)
+    tasks = env.tasks(env.eval_splits[0])[:n]
+    demos = [env.demo(t) or [] for t in tasks]
+    env.close()
+    seconds = {}
+    for w in (workers, 0):
+        pool = EnvPool(env_name, {}, w)  # started before the clock: start-up happens once per run, not per step
+        t0 = time.perf_counter()
+        pool.reset(tasks)
+        steps = 0
+        for j in range(turns):
+            slots = [i for i in range(n) if j < len(demos[i])]
+            if not slots:
+                break
+            pool.step(slots, [demos[i][j] for i in slots])
+            steps += len(slots)
+        seconds[w] = time.perf_counter() - t0
+        pool.close()
+    return (f"env {env_name}", f"pool of {workers}", 1 / seconds[workers], "in-process", 1 / seconds[0],
+            f"1/s; {n} resets + {steps} steps: {seconds[workers]:.2f}s vs {seconds[0]:.2f}s")
 
 
 def logprob_peak_memory(variant: str, T: int, V: int, H: int = 64) -> float:
@@ -167,15 +231,53 @@ def main(args: Args) -> dict:
     full, chunked = logprob_peak_memory("full", T, V), logprob_peak_memory("chunked", T, V)
     rows.append(("logprob memory", "chunked", 1 / max(chunked, 1e-3), "full fp32", 1 / max(full, 1e-3), f"1/MB; {chunked:.0f} vs {full:.0f} MB, T={T}"))
 
-    # 6. a whole training step split into parts, and step / sum of the model passes alone
+    # 5. env stepping: worker pool vs in-process
+    rows.append(env_pool_row("tinyworld", n, turns, args.env_workers))
+    if not args.quick:
+        try:
+            rows.append(env_pool_row("alfworld", n, turns, args.env_workers))
+        except ImportError as e:
+            print(f"no ALFWorld row: {e}")
+
+    # 6. a whole training step, split into parts; then step time / the sum of its model passes
     optimizer = torch.optim.AdamW(student.parameters(), lr=0.0)
     step_args = tcod.Args(micro_batch=4)
-    episodes, t_roll = timed(lambda: roll(student, chat, args.env, tasks, turns, seed=2))
+    env = make_env(args.env)
+    pool = TimedPool(EnvPool(args.env, {}, 0))
+    TimedDecoder.forward_s = TimedDecoder.reply_s = 0.0
+    old, tcod.Decoder = tcod.Decoder, TimedDecoder
+    try:
+        episodes, t_roll = timed(lambda: tcod.rollout(
+            student, chat, pool, env, tasks, [Plan(0, turns)] * n, [None] * n, temperature=1.0, max_new_tokens=24,
+            max_turns=turns, max_context=1 << 20, think=False, generator=torch.Generator().manual_seed(2)))
+    finally:
+        tcod.Decoder = old
     _, t_update = timed(lambda: tcod.score_and_update(student, teacher, episodes, optimizer, step_args))
-    with torch.no_grad():
-        _, t_teacher = timed(lambda: [tcod.hidden_states(teacher, tcod.pad([episodes[i].ids for i in mb], 0, device)) for mb in tcod.microbatches(episodes, 4)])
-    t_total = t_roll + t_update
-    rows.append(("step", "rollout s", t_roll, "update s (teacher fwd alone)", t_update, f"teacher forward alone {t_teacher:.2f}s; step {t_total:.2f}s"))
+    batches = [tcod.batch_tensors(episodes, mb, [torch.tensor(tcod.trained_turns(e)) for e in episodes], device) for mb in tcod.microbatches(episodes, 4)]
+    _, t_teacher = timed(lambda: [tcod.teacher_logprobs(teacher, ids, targets) for ids, targets, _ in batches])
+
+    def student_pass():
+        for ids, targets, turn_ids in batches:
+            lp = kl.token_logprobs(tcod.hidden_states(student, ids), student.get_output_embeddings(), targets)
+            (lp * (turn_ids >= 0)).sum().backward()
+
+    _, t_student = timed(student_pass)
+    _, t_opt = timed(optimizer.step)
+    optimizer.zero_grad(set_to_none=True)
+    t_step = t_roll + t_update
+    parts = {
+        "generate: model forwards": TimedDecoder.forward_s,
+        "generate: sampling and bookkeeping": TimedDecoder.reply_s - TimedDecoder.forward_s,
+        "env": pool.seconds,
+        "rollout other (chat tokens, parsing)": t_roll - TimedDecoder.reply_s - pool.seconds,
+        "teacher forward (alone)": t_teacher,
+        "student forward+backward (alone)": t_student,
+        "optimizer step (alone)": t_opt,
+        "update other": t_update - t_teacher - t_student - t_opt,
+    }
+    model_passes = TimedDecoder.forward_s + t_teacher + t_student
+    rows.append(("step", "step s", t_step, "model passes s", model_passes, "step / model passes (goal <= 1.3)"))
+    print("step breakdown: " + ", ".join(f"{k} {v:.2f}s" for k, v in parts.items()) + f"; step {t_step:.2f}s")
 
     header = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}, device {device}, " \
              f"student {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M, teacher {sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}M, dtype {next(student.parameters()).dtype}"
@@ -183,7 +285,7 @@ def main(args: Args) -> dict:
     print(f"| what | A | value A | B | value B | A/B | unit |\n|---|---|---|---|---|---|---|")
     for name, a, va, b, vb, unit in rows:
         print(f"| {name} | {a} | {va:.3g} | {b} | {vb:.3g} | {va / vb:.2f}x | {unit} |")
-    result = {"machine": header, "rows": [dict(zip(("what", "a", "value_a", "b", "value_b", "unit"), r)) for r in rows]}
+    result = {"machine": header, "rows": [dict(zip(("what", "a", "value_a", "b", "value_b", "unit"), r)) for r in rows], "step_parts": parts}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     return result

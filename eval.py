@@ -3,10 +3,18 @@
     python eval.py --env tinyworld --model tiny-teacher
     python eval.py --env alfworld --model Qwen2.5-7B --limit 20
     python eval.py --env webshop --model runs/webshop-f2b-s0/ckpt
+    python eval.py --env alfworld --model oracle                          # the env's own demonstrations
+    python eval.py --env alfworld --model Qwen2.5-7B --splits train --samples 4   # teacher demos for B2F and SFT
+    python eval.py --env alfworld --model Qwen2.5-3B --splits hard --demos runs/eval-alfworld-Qwen2.5-7B/demos.json
 
 The task panel is each split's tasks in their fixed order (the first --limit of them), rolled out in fixed batches
 with fixed seeds, so two evaluations of one model see the same tasks and the same random numbers.
-Writes <out>/eval.json and prints a Markdown table (per split, and per task type).
+--samples K plays every task K times (sample j with its own fixed seed) and reports pass@K next to the success
+rate of sample 0; it writes <out>/demos.json: per task, the first successful trajectory's actions and reply
+texts (what `tcod.py --curriculum b2f --demos` replays and `sft.py baseline` trains on), and the tasks no sample
+solved (the "hard" split, the paper's teacher-fails set: `--splits hard --demos FILE` evaluates on it).
+--model oracle plays each task's env-provided demonstration instead of a model: the ceiling of the panel.
+Writes <out>/eval.json and <out>/eval.md, and prints the Markdown table (per split, and per task type).
 """
 
 from __future__ import annotations
@@ -24,23 +32,30 @@ from tqdm import tqdm
 import tcod
 from envs import EnvPool, env_class, make_env
 
+ORACLE = "oracle"
+
 
 @dataclass
 class Args:
     env: str = "tinyworld"
     """tinyworld, alfworld, scienceworld or webshop"""
     model: str = "tiny-teacher"
-    """a short name, hub id, local directory or checkpoint directory (<run>/ckpt)"""
+    """a short name, hub id, local directory, checkpoint directory (<run>/ckpt), or 'oracle' (the env's demos)"""
     splits: tuple[str, ...] = ()
-    """splits to evaluate (default: the env's eval splits, e.g. ALFWorld valid_seen and valid_unseen)"""
+    """splits to evaluate (default: the env's eval splits, e.g. ALFWorld valid_seen and valid_unseen); 'hard' is
+    the tasks a --demos file's model never solved"""
     limit: int | None = None
     """evaluate only the first N tasks of each split"""
+    samples: int = 1
+    """K: play each task K times; reports pass@K and writes the first success of each task to <out>/demos.json"""
+    demos: str | None = None
+    """a demos.json from an earlier --samples run, for --splits hard"""
     temperature: float = 0.4
     """sampling temperature (the paper's eval setting)"""
     max_turns: int | None = None
     """horizon (default: the env's)"""
-    max_new_tokens: int = 512
-    """most tokens per reply"""
+    max_new_tokens: int | None = None
+    """most tokens per reply (default: 512; 32 for the tiny models)"""
     think: bool | None = None
     """ask for <think> before <action> (default: on, off for the tiny models)"""
     batch: int = 16
@@ -61,7 +76,7 @@ def summarize(episodes, task_types: dict[str, str]) -> dict:
     n = max(len(episodes), 1)
     by_type = defaultdict(list)
     for ep in episodes:
-        by_type[task_types[ep.task]].append(ep.success)
+        by_type[task_types[ep.task]].append(ep)
     return {
         "tasks": len(episodes),
         "success": sum(ep.success for ep in episodes) / n,
@@ -69,52 +84,122 @@ def summarize(episodes, task_types: dict[str, str]) -> dict:
         "rounds": sum(ep.turns for ep in episodes) / n,
         "invalid": sum(ep.invalid for ep in episodes) / max(sum(ep.student_turns for ep in episodes), 1),
         "errors": sum(ep.error is not None for ep in episodes),
-        "by_type": {t: {"tasks": len(v), "success": sum(v) / len(v)} for t, v in sorted(by_type.items())},
+        "by_type": {
+            t: {"tasks": len(v), "success": sum(e.success for e in v) / len(v), "rounds": sum(e.turns for e in v) / len(v)}
+            for t, v in sorted(by_type.items())
+        },
     }
 
 
 def markdown(results: dict) -> str:
-    lines = ["| split | type | tasks | success | score | rounds |", "|---|---|---|---|---|---|"]
+    k = max((r.get("samples", 1) for r in results.values()), default=1)
+    extra = f" pass@{k} |" if k > 1 else ""
+    lines = [f"| split | type | tasks | success | score | rounds |{extra}", "|---|---|---|---|---|---|" + "---|" * (k > 1)]
     for split, r in results.items():
-        lines.append(f"| {split} | all | {r['tasks']} | {r['success']:.3f} | {r['score']:.3f} | {r['rounds']:.1f} |")
+        pk = f" {r['pass_at_k']:.3f} |" if k > 1 else ""
+        lines.append(f"| {split} | all | {r['tasks']} | {r['success']:.3f} | {r['score']:.3f} | {r['rounds']:.1f} |{pk}")
         for t, v in r["by_type"].items():
-            lines.append(f"| {split} | {t} | {v['tasks']} | {v['success']:.3f} | | |")
+            lines.append(f"| {split} | {t} | {v['tasks']} | {v['success']:.3f} | | {v['rounds']:.1f} |" + " |" * (k > 1))
     return "\n".join(lines)
+
+
+def play_demos(envs, env, tasks: list[str], max_turns: int) -> list[tcod.Episode]:
+    """The oracle: each task's env-provided demonstration, played step by step, all tasks at once."""
+    demos = [env.demo(t) or [] for t in tasks]
+    episodes = [tcod.Episode(t) for t in tasks]
+    for ep, s in zip(episodes, envs.reset(tasks)):
+        if s.done:
+            ep.finish(s)
+    for j in range(max_turns):
+        slots = [i for i, ep in enumerate(episodes) if not ep.done and j < len(demos[i])]
+        if not slots:
+            break
+        for i, s in zip(slots, envs.step(slots, [demos[i][j] for i in slots])):
+            ep = episodes[i]
+            ep.turns, ep.student_turns = ep.turns + 1, ep.student_turns + 1
+            ep.invalid += not s.valid
+            ep.actions.append(demos[i][j])
+            if s.done:
+                ep.finish(s)
+    return episodes
+
+
+def load_demos_file(path: str | None, env_name: str) -> dict:
+    if path is None:
+        raise ValueError("--splits hard needs --demos FILE (a demos.json written by an earlier --samples run)")
+    tcod.load_demos(path, env_name)  # checks the file and its env
+    with open(path) as f:
+        return json.load(f)
 
 
 def main(args: Args) -> dict:
     env_cls = env_class(args.env)
+    if args.samples < 1:
+        raise ValueError(f"--samples must be >= 1 (got {args.samples})")
+    oracle = args.model == ORACLE
     tiny = args.model in tcod.TINY
+    if not oracle:
+        tcod.resolve_model(args.model)  # an unknown short name fails here, before anything loads
+    splits = args.splits or env_cls.eval_splits
+    bad = [s for s in splits if s not in env_cls.splits and s != "hard"]
+    if bad:
+        raise ValueError(f"{args.env} has splits {env_cls.splits} (and 'hard'), not {bad}")
+    hard = load_demos_file(args.demos, args.env)["hard"] if "hard" in splits else None
     run = tcod.Args(
         env=args.env, student=args.model, teacher=args.model, eval_temperature=args.temperature,
-        max_new_tokens=args.max_new_tokens, think=(not tiny) if args.think is None else args.think,
+        max_new_tokens=args.max_new_tokens or (32 if tiny else 512), think=(not tiny) if args.think is None else args.think,
         tasks_per_step=args.batch, dtype=args.dtype,
     )
-    path = tcod.resolve_model(args.model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    tok = tcod.load_tokenizers(run)
-    model = tcod.load_model(path, args.dtype, device)
-    chat = tcod.Chat(tok)
+    model = chat = None
+    max_context = 1 << 30
+    if not oracle:
+        chat = tcod.Chat(tcod.load_tokenizers(run))
+        model = tcod.load_model(tcod.resolve_model(args.model), args.dtype, device)
+        max_context = getattr(model.config, "max_position_embeddings", max_context)
     env_kwargs = {"data": args.env_data} if args.env_data else {}
     env = make_env(args.env, **env_kwargs)
     envs = EnvPool(args.env, env_kwargs, tcod.default_workers(args.env) if args.env_workers is None else args.env_workers)
     max_turns = args.max_turns or env_cls.max_turns
-    max_context = getattr(model.config, "max_position_embeddings", 1 << 30)
-    results = {}
-    for split in args.splits or env.eval_splits:
-        tasks = env.tasks(split)[: args.limit]
-        t0 = time.time()
-        episodes = []
-        for b in tqdm(range(0, len(tasks), args.batch), desc=f"eval {args.env}/{split}"):
-            episodes += tcod.evaluate(model, chat, envs, env, tasks[b : b + args.batch], run, max_turns, max_context, args.seed + b)
-        results[split] = summarize(episodes, {t: env.task_type(t) for t in tasks}) | {"seconds": time.time() - t0}
-    envs.close()
-    env.close()
+    results, demos, replies, unsolved = {}, {}, {}, []
+    try:
+        for split in splits:
+            tasks = (hard if split == "hard" else env.tasks(split))[: args.limit]
+            t0 = time.time()
+            first, solved = [], {}
+            for sample in range(args.samples):
+                episodes = []
+                for b in tqdm(range(0, len(tasks), args.batch), desc=f"eval {args.env}/{split}" + f" sample {sample}" * (args.samples > 1)):
+                    batch = tasks[b : b + args.batch]
+                    if oracle:
+                        episodes += play_demos(envs, env, batch, max_turns)
+                    else:  # sample j of batch b has its own fixed seed
+                        episodes += tcod.evaluate(model, chat, envs, env, batch, run, max_turns, max_context, args.seed + b + 1_000_003 * sample)
+                first = first or episodes
+                for ep in episodes:
+                    if ep.success and ep.task not in solved:
+                        solved[ep.task] = ep
+            results[split] = summarize(first, {t: env.task_type(t) for t in tasks}) | {
+                "samples": args.samples, "pass_at_k": len(solved) / max(len(tasks), 1), "seconds": time.time() - t0,
+            }
+            demos |= {t: ep.actions for t, ep in solved.items()}
+            replies |= {t: ep.replies for t, ep in solved.items()}
+            unsolved += [t for t in tasks if t not in solved]
+    finally:
+        envs.close()
+        env.close()
     out = args.out or os.path.join("runs", f"eval-{args.env}-{os.path.basename(os.path.normpath(args.model))}")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "eval.json"), "w") as f:
         json.dump({"args": vars(args), "results": results}, f, indent=2)
-    print(markdown(results))
+    table = markdown(results)
+    with open(os.path.join(out, "eval.md"), "w") as f:
+        f.write(table + "\n")
+    if args.samples > 1:
+        with open(os.path.join(out, "demos.json"), "w") as f:
+            json.dump({"env": args.env, "model": args.model, "splits": list(splits), "samples": args.samples,
+                       "demos": demos, "replies": replies, "hard": unsolved}, f)
+    print(table)
     return results
 
 

@@ -7,11 +7,17 @@ template (the Qwen format), and one SFT run of a tiny Qwen2 model on expert demo
 student a snapshot from its middle. Both are ordinary Hugging Face checkpoints and go through exactly the code
 path a 7B model does. Demonstration streams are built with tcod.Chat, the same token layout rollouts produce.
 
-    python sft.py --force               # rebuild the tiny models shipped in data/tiny (seeded; ~35 min on 2 cores)
+    python sft.py baseline --env alfworld --model Qwen2.5-3B --demos runs/eval-alfworld-Qwen2.5-7B/demos.json
+    python sft.py tiny --force          # rebuild the tiny models shipped in data/tiny (seeded; ~35 min on 2 cores)
+
+The baseline trains on the teacher's successful trajectories that `eval.py --samples K --splits train` saved
+(their reply texts, replayed through the env to rebuild each chat), `epochs` passes' worth of random batches.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import random
 import shutil
@@ -30,6 +36,30 @@ CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+
+
+@dataclass
+class BaselineArgs:
+    demos: str
+    """a demos.json written by `eval.py --samples K` (the teacher's successful trajectories)"""
+    env: str = "tinyworld"
+    """the env the demonstrations come from"""
+    model: str = "tiny-student"
+    """the model to fine-tune: a short name, hub id or local directory"""
+    epochs: float = 2.0
+    """passes over the demonstrations (the paper's SFT baseline trains 2 epochs)"""
+    lr: float | None = None
+    """AdamW learning rate (default 1e-5; 1e-4 for the tiny models)"""
+    batch: int = 16
+    """demonstrations per step"""
+    think: bool | None = None
+    """the prompt asks for <think> (default: on, off for the tiny models); use what the demos were made with"""
+    dtype: str = "auto"
+    """auto, float32 or bfloat16"""
+    seed: int = 0
+    """data order"""
+    out: str | None = None
+    """where the fine-tuned model goes (default: runs/sft-<env>-<model>)"""
 
 
 @dataclass
@@ -148,6 +178,52 @@ def sft(model, episodes, steps: int, lr: float, batch: int = 16, seed: int = 0, 
     return losses
 
 
+def replayed_stream(env, chat, task: str, actions: list[str], replies: list[str], think: bool):
+    """A saved trajectory rebuilt as a chat: the replies trained, the env's observations between them. None if the
+    actions no longer reach success (a changed env or data)."""
+    from tcod import Episode
+
+    ep, step = Episode(task), env.reset(task)
+    ep.add(chat.first(first_prompt(env, step.observation, think)))
+    for action, reply in zip(actions, replies):
+        ep.add(chat.assistant(reply), turn=ep.turns)
+        step, ep.turns = env.step(action), ep.turns + 1
+        if step.done:
+            break
+        ep.add(chat.user(turn_prompt(ep.turns, step.observation)))
+    return ep if step.success else None
+
+
+def baseline(args: BaselineArgs) -> str:
+    """The SFT baseline: NLL on the teacher's successful trajectories, then saved like any checkpoint."""
+    import tcod
+    from envs import make_env
+
+    demos = tcod.load_demos(args.demos, args.env)
+    with open(args.demos) as f:
+        replies = json.load(f).get("replies", {})
+    tiny = args.model in tcod.TINY
+    think = (not tiny) if args.think is None else args.think
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tok = tcod.load_tokenizers(tcod.Args(env=args.env, student=args.model, teacher=args.model))
+    chat, env = tcod.Chat(tok), make_env(args.env)
+    data = [replayed_stream(env, chat, t, a, replies.get(t) or [format_reply(x) for x in a], think) for t, a in tqdm(demos.items(), desc="demos")]
+    env.close()
+    kept = [d for d in data if d is not None]
+    if not kept:
+        raise ValueError(f"no demonstration in {args.demos} replays to success")
+    model = tcod.load_model(tcod.resolve_model(args.model), args.dtype, device)
+    steps = math.ceil(args.epochs * len(kept) / args.batch)
+    lr = args.lr or (1e-4 if tiny else 1e-5)
+    losses = sft(model, kept, steps, lr, batch=args.batch, seed=args.seed, desc="sft baseline")
+    out = args.out or os.path.join("runs", f"sft-{args.env}-{os.path.basename(os.path.normpath(args.model))}")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    print(f"{len(kept)} demonstrations ({len(data) - len(kept)} no longer succeed), {steps} steps, "
+          f"loss {losses[0]:.3f} -> {losses[-1]:.3f}; saved to {out}")
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # The tiny models
 
@@ -203,12 +279,14 @@ def tiny_model_dir(name: str) -> str:
     """The directory of a tiny model (shipped in data/tiny; rebuilt here if it is missing)."""
     path = os.path.join(TINY_DIR, name)
     if not os.path.isdir(path):
-        print(f"{path} is missing: building the tiny models (python sft.py --force does the same)")
+        print(f"{path} is missing: building the tiny models (python sft.py tiny --force does the same)")
         build_tiny(Args())
     return path
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
-    if args.force or not os.path.isdir(os.path.join(args.out, "tiny-student")):
+    args = tyro.extras.subcommand_cli_from_dict({"baseline": BaselineArgs, "tiny": Args})
+    if isinstance(args, BaselineArgs):
+        baseline(args)
+    elif args.force or not os.path.isdir(os.path.join(args.out, "tiny-student")):
         build_tiny(args)

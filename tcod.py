@@ -101,6 +101,9 @@ class Args:
     env_workers: int | None = None
     """worker processes stepping the envs (0: in this process; default: 0 for tinyworld and webshop, which step in
     microseconds, else up to 8 for ALFWorld and ScienceWorld)"""
+    env_timeout: float = 60.0
+    """seconds one env reset or step may take in a worker; past it the worker is killed and replaced, and its
+    episodes end as failed and are counted in `errors` (needs env_workers >= 1)"""
     env_data: str | None = None
     """data directory for the env (WebShop product files, ALFWorld games); default: the bundled data"""
     seed: int = 0
@@ -282,6 +285,8 @@ class Episode:
     truncated: bool = False  # ended because the stream reached the context limit
     replay_done: bool = False  # B2F: the replayed prefix already finished the task (no student turn)
     error: str | None = None  # the env failed (crashed worker, dead JVM): recorded as a failure
+    actions: list[str] = field(default_factory=list)  # the actions the env took, replayed ones included
+    replies: list[str] = field(default_factory=list)  # the text of each reply that gave one of those actions
 
     def add(self, tokens: list[int], turn: int = -1) -> None:
         self.ids += tokens
@@ -318,6 +323,8 @@ def rollout(model, chat: Chat, envs, env, tasks, plans, demos, *, temperature, m
             ep = episodes[i]
             ep.turns += 1
             last_obs[i] = s.observation
+            ep.actions.append(demos[i][j])
+            ep.replies.append(format_reply(demos[i][j]))
             if s.done:
                 ep.add(chat.assistant(format_reply(demos[i][j])))
                 ep.finish(s)
@@ -329,14 +336,15 @@ def rollout(model, chat: Chat, envs, env, tasks, plans, demos, *, temperature, m
     active = [i for i, ep in enumerate(episodes) if not ep.done]
     while active:
         replies = decoder.reply([episodes[i].ids for i in active], chat.eos, temperature, max_new_tokens)
-        parsed = []
+        parsed, texts = [], []
         for i, reply in zip(active, replies):
             ep = episodes[i]
             ep.add(reply, turn=ep.turns)
             ep.reply_tokens += len(reply)
             if reply[-1] != chat.eos:  # cut at max_new_tokens: close the turn so the chat stays well-formed
                 ep.add([chat.eos])
-            parsed.append(parse_action(chat.tok.decode(reply, skip_special_tokens=True)))
+            texts.append(chat.tok.decode(reply, skip_special_tokens=True))
+            parsed.append(parse_action(texts[-1]))
         good = [(i, a) for i, (a, _) in zip(active, parsed) if a is not None]
         results = dict(zip([i for i, _ in good], envs.step([i for i, _ in good], [a for _, a in good]))) if good else {}
         keep = []
@@ -350,6 +358,9 @@ def rollout(model, chat: Chat, envs, env, tasks, plans, demos, *, temperature, m
             else:
                 s = results[i]
                 ep.invalid += not s.valid
+                if s.valid:
+                    ep.actions.append(action)
+                    ep.replies.append(texts[r])
                 last_obs[i] = s.observation
             if s.done:
                 ep.finish(s)
@@ -745,7 +756,7 @@ def main(args: Args) -> dict:
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(asdict(args), f, indent=2)
 
-    envs = EnvPool(args.env, env_kwargs, args.env_workers)
+    envs = EnvPool(args.env, env_kwargs, args.env_workers, step_timeout=args.env_timeout)
     kwargs = dict(max_new_tokens=args.max_new_tokens, max_turns=args.max_turns, max_context=max_context, think=args.think)
     rank_seed = dist.rank if dist else 0
 
@@ -789,6 +800,7 @@ def main(args: Args) -> dict:
         row = {
             "step": n,
             "k": k if k is not None else args.max_turns,
+            "episodes": len(episodes),
             "prefix": sum(e.prefix for e in episodes) / len(episodes),
             "replay_done": sum(e.replay_done for e in episodes),
             "no_demo": round(dist.sum(no_demo)) if dist else no_demo,
