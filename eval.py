@@ -4,6 +4,7 @@
     python eval.py --env alfworld --model Qwen2.5-7B --limit 20
     python eval.py --env webshop --model runs/webshop-f2b-s0/ckpt
     python eval.py --env alfworld --model oracle                          # the env's own demonstrations
+    python eval.py --env scienceworld --model Qwen3-4B --per-type 2       # 2 variations of each of the 30 task types
     python eval.py --env alfworld --model Qwen2.5-7B --splits train --samples 4   # teacher demos for B2F and SFT
     python eval.py --env alfworld --model Qwen2.5-3B --splits hard --demos runs/eval-alfworld-Qwen2.5-7B/demos.json
 
@@ -46,6 +47,8 @@ class Args:
     the tasks a --demos file's model never solved"""
     limit: int | None = None
     """evaluate only the first N tasks of each split"""
+    per_type: int | None = None
+    """evaluate only the first N tasks of each task type in each split (a smaller panel that still covers every type)"""
     samples: int = 1
     """K: play each task K times; reports pass@K and writes the first success of each task to <out>/demos.json"""
     demos: str | None = None
@@ -124,6 +127,19 @@ def play_demos(envs, env, tasks: list[str], max_turns: int) -> list[tcod.Episode
     return episodes
 
 
+def panel(tasks: list[str], task_type, per_type: int | None) -> list[str]:
+    """The tasks in their fixed order, keeping only the first per_type of each type (all when per_type is None)."""
+    if per_type is None:
+        return tasks
+    seen = defaultdict(int)
+    out = []
+    for t in tasks:
+        seen[task_type(t)] += 1
+        if seen[task_type(t)] <= per_type:
+            out.append(t)
+    return out
+
+
 def load_demos_file(path: str | None, env_name: str) -> dict:
     if path is None:
         raise ValueError("--splits hard needs --demos FILE (a demos.json written by an earlier --samples run)")
@@ -164,7 +180,7 @@ def main(args: Args) -> dict:
     results, demos, replies, unsolved = {}, {}, {}, []
     try:
         for split in splits:
-            tasks = (hard if split == "hard" else env.tasks(split))[: args.limit]
+            tasks = panel(hard if split == "hard" else env.tasks(split), env.task_type, args.per_type)[: args.limit]
             t0 = time.time()
             first, solved = [], {}
             for sample in range(args.samples):

@@ -39,6 +39,14 @@ from torch.utils.checkpoint import checkpoint
 FULL_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 ESTIMATORS = ("k1",) + FULL_DIVERGENCES  # k1 = sampled-token estimator (the Tinker/Thinking Machines recipe)
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean")
+# Float32 logits held per chunk (64 MB): positions per chunk = this // (rows x vocabulary). A 152k vocabulary
+# gets ~110 positions a row, a tiny one the whole sequence at once (no recomputation worth the name).
+LOGITS_PER_CHUNK = 1 << 24
+
+
+def chunk_size(hidden: torch.Tensor, head: torch.nn.Module) -> int:
+    vocab = getattr(head, "out_features", None) or head.weight.shape[0]
+    return max(1, LOGITS_PER_CHUNK // (hidden.shape[0] * vocab))
 
 
 def head_logits(head: torch.nn.Module, hidden: torch.Tensor, softcap: float | None = None) -> torch.Tensor:
@@ -73,13 +81,13 @@ def _logprob_chunk(start, stop, hidden, head, targets, softcap):
 
 
 def token_logprobs(
-    hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, chunk: int = 512, softcap: float | None = None
+    hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, chunk: int | None = None, softcap: float | None = None
 ) -> torch.Tensor:
     """log p(targets[b, t] | position t) as [B, T] float32, from hidden [B, T, H] (already aligned with targets).
 
     Padded positions may hold any valid id; the caller masks them. Never holds more than one chunk's logits.
     """
-    return _chunked(_logprob_chunk, hidden.shape[1], chunk, hidden, head, targets, softcap)
+    return _chunked(_logprob_chunk, hidden.shape[1], chunk_size(hidden, head) if chunk is None else chunk, hidden, head, targets, softcap)
 
 
 def causal_targets(input_ids: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
@@ -131,7 +139,7 @@ def full_divergence(
     s_head: torch.nn.Module,
     t_hidden: torch.Tensor,
     t_head: torch.nn.Module,
-    chunk: int = 512,
+    chunk: int | None = None,
     beta: float = 0.5,
     s_softcap: float | None = None,
     t_softcap: float | None = None,
@@ -145,7 +153,7 @@ def full_divergence(
     if kind == "jsd" and not 0 < beta < 1:
         raise ValueError(f"jsd needs 0 < beta < 1, got {beta}")  # at 0 or 1, m equals one side and JSD is 0
     args = (kind, beta, s_hidden, s_head, t_hidden, t_head, s_softcap, t_softcap)
-    return _chunked(_divergence_chunk, s_hidden.shape[1], chunk, *args)
+    return _chunked(_divergence_chunk, s_hidden.shape[1], chunk_size(s_hidden, s_head) if chunk is None else chunk, *args)
 
 
 def loss_weights(turn_ids: list[torch.Tensor], mode: str, total: int | None = None) -> list[torch.Tensor]:

@@ -45,6 +45,13 @@ def test_oracle_on_alfworld_splits(tmp_path):
     assert all(r["success"] == 1.0 and r["tasks"] == 2 for r in results.values())
 
 
+def test_per_type_panel_keeps_order_and_covers_every_type():
+    tasks = ["a1", "b1", "a2", "a3", "c1", "b2"]
+    assert evaluation.panel(tasks, lambda t: t[0], 1) == ["a1", "b1", "c1"]
+    assert evaluation.panel(tasks, lambda t: t[0], 2) == ["a1", "b1", "a2", "c1", "b2"]
+    assert evaluation.panel(tasks, lambda t: t[0], None) == tasks
+
+
 def test_a_policy_of_invalid_actions_scores_zero(tok, chat, scripted):  # noqa: F811
     scripted.script = staticmethod(lambda text: tok("<action>fly to the moon</action>", add_special_tokens=False)["input_ids"] + [chat.eos])
     env = TinyWorld()

@@ -296,3 +296,11 @@ def test_loss_weights_sum_to_one_or_zero(mode):
 def test_loss_weights_rejects_unknown_mode():
     with pytest.raises(ValueError, match="token-mean"):
         kl.loss_weights(hand_built_turns(), "sum")
+
+
+def test_default_chunk_holds_a_fixed_number_of_logits():
+    big, tiny = torch.nn.Linear(8, 151_936, bias=False), torch.nn.Linear(8, 492, bias=False)
+    assert kl.chunk_size(torch.zeros(1, 4096, 8), big) == (1 << 24) // 151_936 == 110
+    assert kl.chunk_size(torch.zeros(4, 4096, 8), big) == 27
+    assert kl.chunk_size(torch.zeros(4, 4096, 8), tiny) == (1 << 24) // (4 * 492)  # a whole sequence at once
+    assert kl.chunk_size(torch.zeros(200, 10, 8), big) == 1
