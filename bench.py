@@ -187,13 +187,18 @@ def main(args: Args) -> dict:
     teacher = tcod.load_model(tcod.resolve_model(args.teacher), args.dtype, device).requires_grad_(False)
     tasks = make_env(args.env).tasks("train")[:n]
     rows = []
+
+    def add(row: tuple) -> None:  # printed as soon as measured: a big model's full bench takes a while
+        rows.append(row)
+        print(f"{row[0]}: {row[1]} {row[2]:.3g} vs {row[3]} {row[4]:.3g} = {row[2] / row[4]:.2f}x ({row[5]})", flush=True)
+
     roll(student, chat, args.env, tasks[:2], 2)  # warm-up: one-time allocations and lazy inits stay out of the rows
 
     # 1. batched rollout vs one episode at a time
     batched, t_batch = timed(lambda: roll(student, chat, args.env, tasks, turns))
     serial, t_serial = timed(lambda: [e for t in tasks for e in roll(student, chat, args.env, [t], turns)])
     tps = lambda eps, t: sum(e.reply_tokens for e in eps) / t
-    rows.append(("rollout", f"batched {n}", tps(batched, t_batch), "one at a time", tps(serial, t_serial), "tokens/s"))
+    add(("rollout", f"batched {n}", tps(batched, t_batch), "one at a time", tps(serial, t_serial), "tokens/s"))
 
     # 2. one-pass scoring vs per-turn scoring with the growing prompt (the anchors' way: O(T^2) tokens)
     def one_pass():
@@ -223,25 +228,25 @@ def main(args: Args) -> dict:
     diff = max(
         (a - b)[torch.tensor(tcod.trained_turns(ep)) >= 0].abs().max().item() for a, b, ep in zip(lp_one, lp_turn, batched) if ep.reply_tokens
     )
-    rows.append(("scoring", "one pass", tok_one / t_one, "per turn", tok_turn / t_turn, "tokens/s"))
-    rows.append(("scoring time", "one pass", 1 / t_one, "per turn", 1 / t_turn, f"1/s; tokens {tok_one} vs {tok_turn}; max |diff| {diff:.1e}"))
+    add(("scoring", "one pass", tok_one / t_one, "per turn", tok_turn / t_turn, "tokens/s"))
+    add(("scoring time", "one pass", 1 / t_one, "per turn", 1 / t_turn, f"1/s; tokens {tok_one} vs {tok_turn}; max |diff| {diff:.1e}"))
 
     # 3. KV cache across turns vs re-prefill every turn
     cached, t_cached = timed(lambda: roll(student, chat, args.env, tasks, turns, seed=1))
     fresh, t_fresh = timed(lambda: roll(student, chat, args.env, tasks, turns, seed=1, decoder=RePrefillDecoder))
     same = [e.ids for e in cached] == [e.ids for e in fresh]
-    rows.append(("kv-cache", "reuse", tps(cached, t_cached), "re-prefill", tps(fresh, t_fresh), f"tokens/s; same tokens: {same}"))
+    add(("kv-cache", "reuse", tps(cached, t_cached), "re-prefill", tps(fresh, t_fresh), f"tokens/s; same tokens: {same}"))
 
     # 4. memory of chosen-token log-probs
     T, V = (1024, 151_936) if args.quick else (2048, 151_936)
     full, chunked = logprob_peak_memory("full", T, V), logprob_peak_memory("chunked", T, V)
-    rows.append(("logprob memory", "chunked", 1 / max(chunked, 1e-3), "full fp32", 1 / max(full, 1e-3), f"1/MB; {chunked:.0f} vs {full:.0f} MB, T={T}"))
+    add(("logprob memory", "chunked", 1 / max(chunked, 1e-3), "full fp32", 1 / max(full, 1e-3), f"1/MB; {chunked:.0f} vs {full:.0f} MB, T={T}"))
 
     # 5. env stepping: worker pool vs in-process
-    rows.append(env_pool_row("tinyworld", n, turns, args.env_workers))
+    add(env_pool_row("tinyworld", n, turns, args.env_workers))
     if not args.quick:
         try:
-            rows.append(env_pool_row("alfworld", n, turns, args.env_workers))
+            add(env_pool_row("alfworld", n, turns, args.env_workers))
         except ImportError as e:
             print(f"no ALFWorld row: {e}")
 
@@ -282,7 +287,7 @@ def main(args: Args) -> dict:
         "update other": t_update - t_teacher - t_student - t_opt,
     }
     model_passes = TimedDecoder.forward_s + t_teacher + t_student
-    rows.append(("step", "step s", t_step, "model passes s", model_passes, "step / model passes (goal <= 1.3)"))
+    add(("step", "step s", t_step, "model passes s", model_passes, "step / model passes (goal <= 1.3)"))
     print("step breakdown: " + ", ".join(f"{k} {v:.2f}s" for k, v in parts.items()) + f"; step {t_step:.2f}s")
 
     header = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}, device {device}, " \
