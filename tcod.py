@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 import kl
 from curriculum import Curriculum, Plan
+from dist import Dist, gather_episodes
 from envs import EnvPool, Step, env_class, first_prompt, format_reply, make_env, parse_action, turn_prompt
 
 # Short names -> Hugging Face ids: the paper's pairs (Qwen2.5-3B/7B <- Qwen2.5-7B, Qwen3-1.7B/4B <- Qwen3-30B-A3B)
@@ -447,7 +448,7 @@ def score_episodes(student, teacher, episodes: list[Episode], micro_batch: int) 
     return kl_tokens
 
 
-def score_and_update(student, teacher, episodes, optimizer, args: Args, dist: "Dist | None" = None) -> dict:
+def score_and_update(student, teacher, episodes, optimizer, args: Args, dist: Dist | None = None) -> dict:
     """Teacher scoring, the loss, the backward and the optimizer step; returns per-token KL stats and loss.
 
     Under data parallelism (dist) each rank holds its share of the step's episodes; the loss weights are
@@ -537,69 +538,6 @@ def evaluate(model, chat, envs, env, tasks, args: Args, max_turns: int, max_cont
             max_context=max_context, think=args.think, generator=gen,
         )
     return episodes
-
-
-# --------------------------------------------------------------------------------------------------
-# Data parallelism: `torchrun --nproc-per-node N tcod.py ...` (NCCL on GPUs, Gloo on CPU)
-
-
-class Dist:
-    """Each rank plays its share of the step's tasks; gradients are summed, metrics gathered; rank 0 writes."""
-
-    def __init__(self):
-        import torch.distributed as td
-
-        self.td = td
-        self.cuda = torch.cuda.is_available()
-        td.init_process_group("nccl" if self.cuda else "gloo")
-        self.rank, self.world = td.get_rank(), td.get_world_size()
-        self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if self.cuda else torch.device("cpu")
-
-    @staticmethod
-    def from_env() -> "Dist | None":
-        return Dist() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
-
-    def shard(self, items: list) -> list:
-        return items[self.rank :: self.world]
-
-    def sum(self, x: float) -> float:
-        t = torch.tensor([float(x)], dtype=torch.float64, device=self.device)
-        self.td.all_reduce(t)
-        return t.item()
-
-    def global_units(self, turns: list[torch.Tensor], aggregation: str) -> int:
-        return round(self.sum(kl.count_units(turns, aggregation)))
-
-    def sum_gradients(self, model) -> None:
-        # One flat all-reduce after all micro-batches, rather than DDP's hooks on each backward: ranks hold
-        # different numbers of micro-batches (episodes differ in length), and DDP needs the same on every rank.
-        params = [p for p in model.parameters() if p.requires_grad]
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        flat = torch.cat([p.grad.flatten() for p in params])
-        self.td.all_reduce(flat)
-        for p, g in zip(params, flat.split([p.numel() for p in params])):
-            p.grad.copy_(g.view_as(p))
-
-    def gather(self, obj) -> list:
-        out = [None] * self.world
-        self.td.all_gather_object(out, obj)
-        return out
-
-    def barrier(self) -> None:
-        self.td.barrier()
-
-
-def gather_episodes(dist: "Dist | None", episodes: list[Episode], kl_tokens: list) -> tuple[list[Episode], list]:
-    """All ranks' episodes and per-token KL, episode indices renumbered in rank order."""
-    if dist is None:
-        return episodes, kl_tokens
-    all_episodes, all_tokens = [], []
-    for eps, toks in dist.gather((episodes, kl_tokens)):
-        all_tokens += [(i + len(all_episodes), t, v) for i, t, v in toks]
-        all_episodes += eps
-    return all_episodes, all_tokens
 
 
 # --------------------------------------------------------------------------------------------------

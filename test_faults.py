@@ -18,6 +18,7 @@ import time
 import pytest
 import torch
 
+import dist as dist_mod
 import envs
 import tcod
 from curriculum import Plan
@@ -252,7 +253,7 @@ def free_port() -> int:
 def rank_update(rank: int, world: int, port: int, student: str, teacher: str, episodes, aggregation: str, out: str):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    dist = tcod.Dist()
+    dist = dist_mod.Dist()
     result = one_update(student, teacher, episodes[rank::world], aggregation, dist)
     if rank == 0:
         torch.save(result, out)
