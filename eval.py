@@ -140,14 +140,6 @@ def panel(tasks: list[str], task_type, per_type: int | None) -> list[str]:
     return out
 
 
-def load_demos_file(path: str | None, env_name: str) -> dict:
-    if path is None:
-        raise ValueError("--splits hard needs --demos FILE (a demos.json written by an earlier --samples run)")
-    tcod.load_demos(path, env_name)  # checks the file and its env
-    with open(path) as f:
-        return json.load(f)
-
-
 def main(args: Args) -> dict:
     env_cls = env_class(args.env)
     if args.samples < 1:
@@ -160,7 +152,9 @@ def main(args: Args) -> dict:
     bad = [s for s in splits if s not in env_cls.splits and s != "hard"]
     if bad:
         raise ValueError(f"{args.env} has splits {env_cls.splits} (and 'hard'), not {bad}")
-    hard = load_demos_file(args.demos, args.env)["hard"] if "hard" in splits else None
+    if "hard" in splits and args.demos is None:
+        raise ValueError("--splits hard needs --demos FILE (a demos.json written by an earlier --samples run)")
+    hard = tcod.load_demos(args.demos, args.env)["hard"] if "hard" in splits else None
     run = tcod.Args(
         env=args.env, student=args.model, teacher=args.model, eval_temperature=args.temperature,
         max_new_tokens=args.max_new_tokens or (32 if tiny else 512), think=(not tiny) if args.think is None else args.think,

@@ -199,9 +199,8 @@ def baseline(args: BaselineArgs) -> str:
     import tcod
     from envs import make_env
 
-    demos = tcod.load_demos(args.demos, args.env)
-    with open(args.demos) as f:
-        replies = json.load(f).get("replies", {})
+    data = tcod.load_demos(args.demos, args.env)
+    demos, replies = data["demos"], data.get("replies", {})
     tiny = args.model in tcod.TINY
     think = (not tiny) if args.think is None else args.think
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -633,15 +633,16 @@ def load_tokenizers(args: Args):
     return tok
 
 
-def load_demos(path: str, env_name: str) -> dict[str, list[str]]:
-    """A demonstrations file written by `eval.py --samples K`: task -> the teacher's first successful actions."""
+def load_demos(path: str, env_name: str) -> dict:
+    """A demonstrations file written by `eval.py --samples K`, checked: its "demos" map each task to the teacher's first
+    successful actions, "replies" to their reply texts, and "hard" lists the tasks no sample solved."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--demos {path!r}: no such file (make one with `python eval.py --samples K --splits train`)")
     with open(path) as f:
         data = json.load(f)
     if data.get("env") != env_name:
         raise ValueError(f"--demos {path!r} holds {data.get('env')!r} demonstrations, not {env_name!r}")
-    return data["demos"]
+    return data
 
 
 def main(args: Args) -> dict:
@@ -650,7 +651,7 @@ def main(args: Args) -> dict:
         args.device = str(dist.device)
     args = resolve_args(args)
     lead = dist is None or dist.rank == 0  # the one process that writes metrics, checkpoints and plots
-    file_demos = load_demos(args.demos, args.env) if args.demos else None
+    file_demos = load_demos(args.demos, args.env)["demos"] if args.demos else None
     tok = load_tokenizers(args)  # fails on a mismatch before the (large) models load
     chat = Chat(tok)
     env_kwargs = {"data": args.env_data} if args.env_data else {}
