@@ -43,6 +43,7 @@ import tyro
 import kl
 import models
 import rollout
+import opd
 import tcod
 from curriculum import Plan
 from envs import EnvPool, make_env
@@ -90,7 +91,7 @@ class Args:
 class MasterCopyAdamW:
     """The mixed-precision recipe rollout.precision did not choose, kept here to measure it: bf16 working weights (the
     model), a float32 master copy that AdamW steps, the result copied back into the bf16 weights. It duck-types the
-    optimizer calls of tcod.score_and_update (zero_grad, step)."""
+    optimizer calls of opd.score_and_update (zero_grad, step)."""
 
     def __init__(self, model, lr: float):
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -278,7 +279,7 @@ def precision_update(mode: str, student, teacher, episodes, lr: float = 1e-6, st
     args = tcod.Args(dtype="bf16-mixed" if mode == "bf16-mixed" else "float32", lr=lr, micro_batch=4, aggregation="token-mean")
     seconds = 0.0
     for _ in range(steps):
-        update, t_update = timed(lambda: tcod.score_and_update(s, t, episodes, opt, args))
+        update, t_update = timed(lambda: opd.score_and_update(s, t, episodes, opt, tcod.update_config(args)))
         assert not update["skipped"], mode
         seconds += t_update
     return weights() - before, seconds / steps
@@ -407,10 +408,10 @@ def main(args: Args) -> dict:
             max_turns=turns, max_context=1 << 20, think=False, generator=torch.Generator().manual_seed(2), amp=amp))
     finally:
         rollout.Decoder = old
-    _, t_update = timed(lambda: tcod.score_and_update(student, teacher, episodes, optimizer, step_args))
-    batches = [tcod.batch_tensors(episodes, mb, [torch.tensor(rollout.trained_turns(e)) for e in episodes], device) for mb in tcod.microbatches(episodes, 4)]
+    _, t_update = timed(lambda: opd.score_and_update(student, teacher, episodes, optimizer, tcod.update_config(step_args)))
+    batches = [opd.batch_tensors(episodes, mb, [torch.tensor(rollout.trained_turns(e)) for e in episodes], device) for mb in opd.microbatches(episodes, 4)]
     with rollout.autocast(device, amp):  # as score_and_update runs them
-        _, t_teacher = timed(lambda: [tcod.teacher_logprobs(teacher, ids, targets) for ids, targets, _ in batches])
+        _, t_teacher = timed(lambda: [opd.teacher_logprobs(teacher, ids, targets) for ids, targets, _ in batches])
 
     def student_pass():
         for ids, targets, turn_ids in batches:
@@ -507,10 +508,10 @@ def child(spec: dict) -> None:
         base = kb("VmRSS") * 1024
     if spec["kind"] == "score":
         turns = [torch.tensor(rollout.trained_turns(e)) for e in episodes]
-        batches = [tcod.batch_tensors(episodes, mb, turns, device) for mb in tcod.microbatches(episodes, 4)]
-        _, seconds = timed(lambda: [tcod.teacher_logprobs(teacher, ids, targets) for ids, targets, _ in batches])
+        batches = [opd.batch_tensors(episodes, mb, turns, device) for mb in opd.microbatches(episodes, 4)]
+        _, seconds = timed(lambda: [opd.teacher_logprobs(teacher, ids, targets) for ids, targets, _ in batches])
     else:
-        _, seconds = timed(lambda: tcod.score_and_update(student, teacher, episodes, optimizer, step_args))
+        _, seconds = timed(lambda: opd.score_and_update(student, teacher, episodes, optimizer, tcod.update_config(step_args)))
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else kb("VmHWM") * 1024
     print(json.dumps({"seconds": seconds, "peak_mb": peak / 2**20, "loaded_mb": base / 2**20, "growth_mb": (peak - base) / 2**20}))
 

@@ -4,7 +4,7 @@ curriculum, several seeds each, with the tiny models on the built-in world.
     python repro.py                      # 4 curricula x 3 seeds; two runs at a time, one thread each
     python repro.py --seeds 0 --jobs 1   # one seed
 
-Each run is a plain `tcod.py` run in <out>/<curriculum>-s<seed> (its log in log.txt there). Finished runs are
+Each run is a plain `tcod.py` run in <out>/<curriculum>-s<seed> (its console log in <out>/logs/). Finished runs are
 kept and unfinished ones resumed, so the command can be interrupted and run again. At the end it writes
 <out>/results.json, <out>/results.md (the table) and <out>/curves.png + curves-heatmap.png (plot.py).
 
@@ -62,22 +62,22 @@ def finished(run: str) -> bool:
 
 
 def train(run: str, curriculum: str, seed: int, extra: str) -> float:
+    """One cell: a plain tcod.py run, resumed when it has a checkpoint. Its console log goes beside the run, in
+    <out>/logs/, since tcod.py only writes into a directory that is empty or a run of its own."""
     if finished(run):
         return 0.0
     cmd = [sys.executable, "tcod.py", "--curriculum", curriculum, "--seed", str(seed), "--out", run, *shlex.split(extra)]
     if rundir.last_checkpoint(run):
-        cmd.append("--resume")
-    elif os.path.isdir(run):
-        for name in ("metrics.jsonl", "args.json"):  # killed before its first checkpoint: start it over
-            if os.path.exists(os.path.join(run, name)):
-                os.remove(os.path.join(run, name))
-    os.makedirs(run, exist_ok=True)
+        cmd.append("--resume")  # a run killed before its first checkpoint is restarted by tcod.py itself
+    logs = os.path.join(os.path.dirname(run) or ".", "logs")
+    os.makedirs(logs, exist_ok=True)
+    log_path = os.path.join(logs, os.path.basename(run) + ".txt")
     t0 = time.time()
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    with open(os.path.join(run, "log.txt"), "a") as log:
+    with open(log_path, "a") as log:
         done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     if done.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed with exit code {done.returncode}; see {run}/log.txt")
+        raise RuntimeError(f"{' '.join(cmd)} failed with exit code {done.returncode}; see {log_path}")
     return time.time() - t0
 
 

@@ -1,6 +1,6 @@
 """TCOD: Temporal Curriculum On-Policy Distillation for multi-turn LLM agents (arXiv 2604.24005).
 
-One training step n:
+One training step n (opd.py holds the step itself, this file the loop around it):
   1. the student samples a multi-turn episode for each of `tasks_per_step` tasks (temperature 1.0), all
      episodes in one batch, one KV cache across turns; the curriculum (curriculum.py) decides how deep:
      F2B cuts the episode after k = k_start + n // eta student turns, B2F first replays L - k demo actions;
@@ -36,8 +36,8 @@ from curriculum import Curriculum, Plan, check_demos_cover, load_demos
 from dist import Dist, gather_episodes
 from envs import EnvPool, check_java, env_class, eval_panel, first_prompt, make_env
 from models import TINY, ModelError, check_models, load_model, load_tokenizers, resolve_model, size_warning
-from kl import hidden_states, pad
-from rollout import Chat, Episode, autocast, evaluate, model_device, precision, rollout, trained_turns
+from opd import UpdateConfig, default_aggregation, episode_metrics, kl_metrics, score_episodes, update
+from rollout import Chat, evaluate, precision, rollout
 from rundir import (
     acquire_lock, append_metrics, check_resume, keep_rows_before, last_checkpoint, move_aside, read_run_args,
     release_lock, run_state, save_checkpoint, start_mode, write_json,
@@ -146,204 +146,6 @@ class Args:
 
 
 # --------------------------------------------------------------------------------------------------
-# Scoring and the update
-
-
-def softcap(model):
-    return getattr(model.config, "final_logit_softcapping", None)
-
-
-def microbatches(episodes: list[Episode], size: int):
-    """Indices grouped by similar length so that little compute goes to padding."""
-    order = sorted(range(len(episodes)), key=lambda i: len(episodes[i].ids))
-    return [order[i : i + size] for i in range(0, len(order), size)]
-
-
-def teacher_logprobs(teacher, ids: torch.Tensor, targets: torch.Tensor):
-    """The teacher's hidden states (on its own device, see --teacher-device) and log p_teacher(target) on ids' device."""
-    with torch.no_grad():
-        dev = model_device(teacher)
-        hidden = hidden_states(teacher, ids.to(dev))
-        logp = kl.token_logprobs(hidden, teacher.get_output_embeddings(), targets.to(dev), softcap=softcap(teacher))
-    return hidden, logp.to(ids.device)
-
-
-def batch_tensors(episodes: list[Episode], mb: list[int], turns: list[torch.Tensor], device):
-    ids = pad([episodes[i].ids for i in mb], 0, device)
-    return ids, kl.causal_targets(ids), pad([turns[i].tolist() for i in mb], -1, device)
-
-
-def per_token(kl_tokens: list, mb: list[int], turn_ids: torch.Tensor, d: torch.Tensor) -> None:
-    """Append (episode index, turn, d) for each student token of a micro-batch."""
-    mask = turn_ids >= 0
-    for r, i in enumerate(mb):
-        kl_tokens += [(i, t, v) for t, v in zip(turn_ids[r][mask[r]].tolist(), d[r][mask[r]].tolist())]
-
-
-@torch.no_grad()
-def score_episodes(student, teacher, episodes: list[Episode], micro_batch: int, amp=None) -> list:
-    """Per-token d = log p_s - log p_t at every student token, no update: the KL diagnostics of eval episodes.
-    amp: the student's autocast dtype (`precision`), as in the update, so that d means the same thing."""
-    device = model_device(student)
-    turns = [torch.tensor(trained_turns(ep), dtype=torch.long) for ep in episodes]
-    kl_tokens = []
-    for mb in microbatches(episodes, micro_batch):
-        ids, targets, turn_ids = batch_tensors(episodes, mb, turns, device)
-        with autocast(device, amp):
-            logp_s = kl.token_logprobs(hidden_states(student, ids), student.get_output_embeddings(), targets, softcap=softcap(student))
-            logp_t = teacher_logprobs(teacher, ids, targets)[1]
-        per_token(kl_tokens, mb, turn_ids, kl.sampled_kl(logp_s, logp_t))
-    return kl_tokens
-
-
-def split_by_turns(keys: list[str], turns: list[int], per_update: int) -> list[list[int]]:
-    """Optimizer-step groups of whole episodes: indices into keys/turns, about per_update turns a group.
-
-    The paper takes one AdamW step per 64 turn-rows, not per rollout, so a deep rollout (OPD: ~480 turns) makes
-    several steps and a shallow one (F2B at depth 1: 16 turns) one. We keep an episode whole in one group, so each
-    stream still gets a single forward: the groups are ceil(total / per_update) contiguous runs of the episodes in a
-    canonical order (by key, the task id: the same on every rank and in a single process), cut where the running
-    turn count passes each multiple of total / groups. per_update 0: one group.
-    """
-    order = sorted(range(len(keys)), key=lambda i: keys[i])
-    total = sum(turns)
-    n_groups = max(1, -(-total // per_update)) if per_update else 1
-    groups = [[] for _ in range(n_groups)]
-    seen = 0
-    for i in order:
-        # by the episode's midpoint, so a long episode goes where most of its turns fall
-        g = min(int((seen + turns[i] / 2) * n_groups / max(total, 1)), n_groups - 1)
-        groups[g].append(i)
-        seen += turns[i]
-    return [g for g in groups if g]
-
-
-def update(student, teacher, episodes, optimizer, args: Args, dist: Dist | None = None) -> dict:
-    """One or more optimizer steps on a rollout's episodes (split_by_turns), with the same metrics as one.
-
-    Under data parallelism the groups are cut from every rank's (task, turns) list, so all ranks take the same
-    number of steps, each on its own share of the same group (possibly none), normalized over the group globally.
-    """
-    mine = [(e.task, e.student_turns) for e in episodes]
-    everyone = dist.gather(mine) if dist else [mine]
-    owner = [(r, i) for r, rows in enumerate(everyone) for i in range(len(rows))]
-    flat = [row for rows in everyone for row in rows]
-    rank = dist.rank if dist else 0
-    results, kl_tokens = [], []
-    for group in split_by_turns([t for t, _ in flat], [n for _, n in flat], args.turns_per_update):
-        local = [owner[g][1] for g in group if owner[g][0] == rank]
-        out = score_and_update(student, teacher, [episodes[i] for i in local], optimizer, args, dist)
-        kl_tokens += [(local[j], t, v) for j, t, v in out["kl_tokens"]]
-        results.append(out)
-    taken = [r for r in results if not r["skipped"]]
-    return {
-        "loss": sum(r["loss"] for r in results) / len(results),  # each group's loss is its mean KL
-        "grad_norm": sum(r["grad_norm"] for r in results) / len(results),
-        "skipped": not taken,  # skipped only when every group's step was
-        "updates": len(taken),
-        "kl_tokens": kl_tokens,
-    }
-
-
-def score_and_update(student, teacher, episodes, optimizer, args: Args, dist: Dist | None = None) -> dict:
-    """Teacher scoring, the loss, the backward and the optimizer step; returns per-token KL stats and loss.
-
-    Under data parallelism (dist) each rank holds its share of the step's episodes; the loss weights are
-    normalized by the global token (or response) count and the gradients summed over ranks, so the update is
-    exactly the one a single process would make on all the episodes.
-    """
-    device = model_device(student)
-    amp = precision(args.dtype, str(device))[2]  # bf16-mixed: the forwards under autocast, the backward outside it
-    turns = [torch.tensor(trained_turns(ep), dtype=torch.long) for ep in episodes]
-    aggregation = args.aggregation or default_aggregation(args.env, args.curriculum)  # None: the env's and curriculum's
-    weights = kl.loss_weights(turns, aggregation, total=dist.global_units(turns, aggregation) if dist else None)
-    student.train()
-    optimizer.zero_grad(set_to_none=True)
-    loss_total, kl_tokens = 0.0, []  # kl_tokens: (episode index, turn, d) per student token
-    for mb in microbatches(episodes, args.micro_batch):
-        ids, targets, turn_ids = batch_tensors(episodes, mb, turns, device)
-        w = torch.zeros(ids.shape, dtype=torch.float32, device=device)
-        for r, i in enumerate(mb):
-            w[r, : len(weights[i])] = weights[i].to(device)
-        with autocast(device, amp):
-            t_hidden, logp_t = teacher_logprobs(teacher, ids, targets)
-            s_hidden = hidden_states(student, ids)
-            # d's log p_s comes from this very forward, the one differentiated: old and new log-probs agree exactly
-            logp_s = kl.token_logprobs(s_hidden, student.get_output_embeddings(), targets, softcap=softcap(student))
-            d = kl.sampled_kl(logp_s.detach(), logp_t)  # per token, the k1 estimate of KL(student || teacher)
-            if args.estimator == "k1":
-                # Policy gradient with advantage A = -kl_coef * d. The ratio exp(logp - logp.detach()) is 1 on-policy,
-                # so the loss value is the mean KL and its gradient is -A * grad log p (one update per batch).
-                loss_per_token = args.kl_coef * d * torch.exp(logp_s - logp_s.detach())
-            else:
-                loss_per_token = args.kl_coef * kl.full_divergence(
-                    args.estimator, s_hidden, student.get_output_embeddings(), t_hidden, teacher.get_output_embeddings(),
-                    beta=args.jsd_beta, s_softcap=softcap(student), t_softcap=softcap(teacher),
-                )
-            loss = (w * loss_per_token).sum()
-        loss.backward()
-        loss_total += loss.item()
-        per_token(kl_tokens, mb, turn_ids, d)
-    if dist:
-        dist.sum_gradients(student)
-        loss_total = dist.sum(loss_total)
-    grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip).item()
-    # No student token on any rank (every episode truncated at once) or a non-finite gradient: skip the step, since
-    # Adam would still move the weights on its momentum, or spread the NaN into them.
-    tokens = dist.sum(len(kl_tokens)) if dist else len(kl_tokens)
-    skipped = not tokens or not math.isfinite(grad_norm)
-    if not skipped:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    student.eval()
-    return {"loss": loss_total, "grad_norm": grad_norm, "skipped": skipped, "kl_tokens": kl_tokens}
-
-
-def kl_metrics(kl_tokens, n_episodes: int, max_turns: int) -> dict:
-    """traj_kl: mean over episodes of the summed per-token KL (the paper's Fig. 2). Per turn index, two views:
-    kl_by_turn, the per-token mean (comparable across turns of different lengths), and kl_sum_by_turn, the KL summed
-    over a turn's tokens, averaged over the episodes with student tokens at that turn (the paper's Fig. 2d and the
-    authors' logs)."""
-    by_turn = [[] for _ in range(max_turns)]
-    sums = [{} for _ in range(max_turns)]  # turn -> episode -> summed KL
-    per_episode = [0.0] * n_episodes
-    for i, t, v in kl_tokens:
-        by_turn[t].append(v)
-        sums[t][i] = sums[t].get(i, 0.0) + v
-        per_episode[i] += v
-    return {
-        "traj_kl": sum(per_episode) / max(n_episodes, 1),
-        "token_kl": sum(v for _, _, v in kl_tokens) / max(len(kl_tokens), 1),
-        "kl_by_turn": [sum(v) / len(v) if v else None for v in by_turn],
-        "kl_sum_by_turn": [sum(s.values()) / len(s) if s else None for s in sums],
-    }
-
-
-def reply_lengths(episode: Episode) -> int:
-    """The longest student reply of an episode, in sampled tokens (the eos we add to a cut reply is not sampled)."""
-    counts = {}
-    for t in episode.turn_of:
-        if t >= 0:
-            counts[t] = counts.get(t, 0) + 1
-    return max(counts.values(), default=0)
-
-
-def episode_metrics(episodes: list[Episode], prefix: str = "") -> dict:
-    n = max(len(episodes), 1)
-    student_turns = max(sum(e.student_turns for e in episodes), 1)
-    return {
-        f"{prefix}success": sum(e.success for e in episodes) / n,
-        f"{prefix}score": sum(e.score for e in episodes) / n,
-        f"{prefix}turns": sum(e.turns for e in episodes) / n,
-        f"{prefix}reply_tokens": sum(e.reply_tokens for e in episodes) / student_turns,
-        f"{prefix}max_reply_tokens": max((reply_lengths(e) for e in episodes), default=0),  # the paper's Fig. 5c
-        f"{prefix}invalid": sum(e.invalid for e in episodes) / student_turns,
-        f"{prefix}truncated": sum(e.truncated for e in episodes) / n,
-        f"{prefix}errors": sum(e.error is not None for e in episodes),
-    }
-
-
-# --------------------------------------------------------------------------------------------------
 # Setup and the training loop
 
 
@@ -352,10 +154,13 @@ def default_workers(env_name: str) -> int:
     return 0 if env_name in ("tinyworld", "webshop") else min(8, os.cpu_count() or 1)
 
 
-def default_aggregation(env: str, curriculum: str) -> str:
-    """The authors' ALFWorld F2B config normalizes per response ("prevent length collapse"); their other configs that
-    we could read, and our default elsewhere, average over all tokens."""
-    return "seq-mean-token-mean" if (env, curriculum) == ("alfworld", "f2b") else "token-mean"
+def update_config(args: Args) -> UpdateConfig:
+    """The update's settings from the run's Args (aggregation None: the env's and curriculum's default)."""
+    return UpdateConfig(
+        estimator=args.estimator, kl_coef=args.kl_coef, jsd_beta=args.jsd_beta,
+        aggregation=args.aggregation or default_aggregation(args.env, args.curriculum), grad_clip=args.grad_clip,
+        micro_batch=args.micro_batch, turns_per_update=args.turns_per_update or 0, dtype=args.dtype,
+    )
 
 
 def resolve_args(args: Args) -> Args:
@@ -574,7 +379,7 @@ def run(args: Args, locks: list) -> dict:
         no_demo = sum(args.curriculum == "b2f" and not demos[t] for t in tasks)
         episodes = rollout(student, chat, envs, env, tasks, plans, [demos.get(t) for t in tasks], temperature=args.train_temperature, generator=gen, amp=amp, **kwargs)
         t1 = time.time()
-        step_update = update(student, teacher, episodes, optimizer, args, dist)
+        step_update = update(student, teacher, episodes, optimizer, update_config(args), dist)
         t2 = time.time()
         episodes, kl_tokens = gather_episodes(dist, episodes, step_update["kl_tokens"])
         klm = kl_metrics(kl_tokens, len(episodes), args.max_turns)

@@ -22,6 +22,7 @@ import dist as dist_mod
 import envs
 import rundir
 import rollout
+import opd
 import tcod
 from curriculum import Plan
 from envs import EnvPool, Step, TinyWorld
@@ -143,7 +144,7 @@ def test_env_fault_mid_episode_fails_only_that_episode(tok, chat, scripted, monk
     broken, fine = episodes
     assert broken.done and not broken.success and error in broken.error and broken.turns == 2
     assert fine.success and fine.error is None
-    assert tcod.episode_metrics(episodes)["errors"] == 1
+    assert opd.episode_metrics(episodes)["errors"] == 1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -270,7 +271,7 @@ def one_update(student_dir, teacher_dir, episodes, aggregation, dist=None, per_u
     # SGD at lr 1: the weights move by exactly the clipped gradient, which makes the comparison direct
     opt = torch.optim.SGD(student.parameters(), lr=1.0)
     args = tcod.Args(micro_batch=2, aggregation=aggregation, grad_clip=0.05, turns_per_update=per_update)
-    update = tcod.update(student, teacher, episodes, opt, args, dist)
+    update = opd.update(student, teacher, episodes, opt, tcod.update_config(args), dist)
     return {"params": torch.cat([p.detach().flatten() for p in student.parameters()]), "loss": update["loss"],
             "grad_norm": update["grad_norm"], "updates": update["updates"]}
 
@@ -288,7 +289,7 @@ def test_two_gloo_ranks_make_the_single_process_update(model_dirs, chat, tmp_pat
     torch.multiprocessing.spawn(rank_update, args=(2, free_port(), student, teacher, episodes, aggregation, out, per_update), nprocs=2)
     ranks = torch.load(out)
     # several optimizer steps per rollout (the paper's update size) take the same steps on 2 ranks as in 1 process
-    assert ranks["updates"] == single["updates"] == (len(tcod.split_by_turns([e.task for e in episodes], [e.student_turns for e in episodes], per_update)))
+    assert ranks["updates"] == single["updates"] == (len(opd.split_by_turns([e.task for e in episodes], [e.student_turns for e in episodes], per_update)))
     assert (single["updates"] > 1) == (per_update > 0)
     # several optimizer steps in a row carry the ranks' different float summation orders into later steps' weights
     tol = 1e-4 if per_update else 1e-5

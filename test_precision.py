@@ -14,6 +14,7 @@ import torch
 
 import bench
 import rollout
+import opd
 import tcod
 from test_tcod import chat, make_model, model_dirs, play, small_args, tok  # noqa: F401  (fixtures)
 
@@ -108,6 +109,6 @@ def test_bf16_mixed_update_has_float32_gradients_for_each_estimator(tok, chat, e
     seen = []
     opt = torch.optim.AdamW(student.parameters(), lr=1e-6)
     opt.step = lambda: seen.extend(p.grad.dtype for p in student.parameters() if p.grad is not None)  # inspect, no step
-    update = tcod.score_and_update(student, teacher, episodes, opt, tcod.Args(dtype="bf16-mixed", estimator=estimator, micro_batch=2))
+    update = opd.score_and_update(student, teacher, episodes, opt, tcod.update_config(tcod.Args(dtype="bf16-mixed", estimator=estimator, micro_batch=2)))
     assert not update["skipped"] and update["grad_norm"] > 0 and update["loss"] == update["loss"]
     assert seen and set(seen) == {torch.float32}

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import rollout
+import opd
 import tcod
 from envs import TinyWorld, eval_panel
 from test_tcod import chat, tok  # noqa: F401  (fixtures)
@@ -19,7 +20,7 @@ from test_tcod import chat, tok  # noqa: F401  (fixtures)
 def test_kl_by_turn_has_per_token_means_and_per_turn_sums():
     # episode 0: turn 0 has tokens 1, 2; turn 1 has 3. episode 1: turn 0 has 5. 3 turns, the last without tokens.
     tokens = [(0, 0, 1.0), (0, 0, 2.0), (0, 1, 3.0), (1, 0, 5.0)]
-    m = tcod.kl_metrics(tokens, n_episodes=2, max_turns=3)
+    m = opd.kl_metrics(tokens, n_episodes=2, max_turns=3)
     assert m["kl_by_turn"] == [pytest.approx(8 / 3), 3.0, None]  # per token
     assert m["kl_sum_by_turn"] == [pytest.approx((3 + 5) / 2), 3.0, None]  # per turn, over the episodes that have it
     assert m["traj_kl"] == pytest.approx((6 + 5) / 2)
@@ -32,7 +33,7 @@ def test_max_reply_tokens_is_the_longest_sampled_reply():
     a.add([9])  # the eos added to a cut reply: not sampled
     a.add([6, 7, 8, 10], turn=1)
     b.add([1], turn=0)
-    m = tcod.episode_metrics([a, b])
+    m = opd.episode_metrics([a, b])
     assert m["max_reply_tokens"] == 4
 
 
@@ -66,7 +67,7 @@ def test_eval_panel_is_stratified_fixed_and_seeded():
     ("alfworld", "f2b", "seq-mean-token-mean"), ("alfworld", "opd", "token-mean"), ("tinyworld", "f2b", "token-mean"),
 ])
 def test_default_aggregation_follows_the_authors_configs(env, curriculum, expected):
-    assert tcod.default_aggregation(env, curriculum) == expected
+    assert opd.default_aggregation(env, curriculum) == expected
 
 
 def test_resolve_args_fills_the_aggregation_unless_given():
@@ -96,16 +97,16 @@ def test_env_data_is_refused_where_an_env_has_none(env, tmp_path):
 def test_split_by_turns_keeps_episodes_whole_and_balances_turns():
     keys = [f"t{i}" for i in range(16)]
     turns = [30] * 8 + [20] * 8  # an OPD-like rollout: 400 turns
-    groups = tcod.split_by_turns(keys, turns, 64)
+    groups = opd.split_by_turns(keys, turns, 64)
     assert len(groups) == 7  # ceil(400 / 64)
     assert sorted(i for g in groups for i in g) == list(range(16))  # every episode once, whole
     assert all(20 <= sum(turns[i] for i in g) <= 90 for g in groups)
     # F2B at depth 1: 16 one-turn episodes are one step; 0 means one step per rollout
-    assert tcod.split_by_turns(keys, [1] * 16, 64) == [sorted(range(16), key=lambda i: keys[i])]
-    assert len(tcod.split_by_turns(keys, turns, 0)) == 1
+    assert opd.split_by_turns(keys, [1] * 16, 64) == [sorted(range(16), key=lambda i: keys[i])]
+    assert len(opd.split_by_turns(keys, turns, 0)) == 1
     # the groups depend on the task ids, not on the order the episodes come in (ranks see them in another order)
     perm = list(reversed(range(16)))
-    regrouped = [sorted(perm[i] for i in g) for g in tcod.split_by_turns([keys[p] for p in perm], [turns[p] for p in perm], 64)]
+    regrouped = [sorted(perm[i] for i in g) for g in opd.split_by_turns([keys[p] for p in perm], [turns[p] for p in perm], 64)]
     assert regrouped == [sorted(g) for g in groups]
 
 
@@ -114,7 +115,7 @@ def test_several_optimizer_steps_per_rollout(tok, chat):
 
     teacher = make_model(tok, 1).requires_grad_(False)
     episodes = play(make_model(tok, 0), chat, [f"train-{i}" for i in range(4)], max_new_tokens=6, max_turns=3)
-    groups = tcod.split_by_turns([e.task for e in episodes], [e.student_turns for e in episodes], 4)
+    groups = opd.split_by_turns([e.task for e in episodes], [e.student_turns for e in episodes], 4)
     assert len(groups) > 1
     results = []
     for per_update in (0, 4):
@@ -122,7 +123,7 @@ def test_several_optimizer_steps_per_rollout(tok, chat):
         opt = torch.optim.SGD(student.parameters(), lr=0.1)
         steps = []
         opt.step = (lambda step: lambda *a, **k: (steps.append(1), step(*a, **k))[1])(opt.step)
-        out = tcod.update(student, teacher, episodes, opt, tcod.Args(turns_per_update=per_update, grad_clip=1e9, aggregation="token-mean"))
+        out = opd.update(student, teacher, episodes, opt, tcod.update_config(tcod.Args(turns_per_update=per_update, grad_clip=1e9, aggregation="token-mean")))
         results.append((out, len(steps), torch.cat([p.detach().flatten() for p in student.parameters()])))
     (one, n_one, w_one), (many, n_many, w_many) = results
     assert (n_one, one["updates"]) == (1, 1) and (n_many, many["updates"]) == (len(groups), len(groups))
@@ -130,7 +131,7 @@ def test_several_optimizer_steps_per_rollout(tok, chat):
     student = make_model(tok, 0)
     opt = torch.optim.SGD(student.parameters(), lr=0.1)
     for g in groups:
-        tcod.score_and_update(student, teacher, [episodes[i] for i in g], opt, tcod.Args(grad_clip=1e9, aggregation="token-mean"))
+        opd.score_and_update(student, teacher, [episodes[i] for i in g], opt, tcod.update_config(tcod.Args(grad_clip=1e9, aggregation="token-mean")))
     torch.testing.assert_close(w_many, torch.cat([p.detach().flatten() for p in student.parameters()]))
     assert not torch.equal(w_one, w_many)
     assert sorted(i for i, _, _ in many["kl_tokens"]) == sorted(i for i, _, _ in one["kl_tokens"])  # indices remapped

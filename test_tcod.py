@@ -16,6 +16,7 @@ import torch
 
 import kl
 import rollout
+import opd
 import tcod
 from curriculum import Curriculum, Plan, b2f_plan, depth, f2b_plan
 from envs import EnvPool, TinyWorld, first_prompt, format_reply, make_env, parse_action
@@ -256,7 +257,7 @@ def test_context_limit_truncates_and_counts(tok, chat):
     model = make_model(tok)
     episodes = play(model, chat, ["train-0", "train-1"], max_context=150, max_new_tokens=12, max_turns=20)
     assert all(ep.truncated and ep.turns >= 1 and len(ep.ids) <= 150 for ep in episodes)
-    assert tcod.episode_metrics(episodes)["truncated"] == 1.0
+    assert opd.episode_metrics(episodes)["truncated"] == 1.0
 
 
 def test_one_pass_teacher_scoring_equals_per_turn_scoring(tok, chat):
@@ -302,9 +303,9 @@ def test_training_step_changes_weights_and_lowers_kl_on_a_fixed_batch(tok, chat)
     before = [p.detach().clone() for p in student.parameters()]
     kls = []  # the sampled-token KL of this batch, measured before each update
     for _ in range(5):
-        update = tcod.score_and_update(student, teacher, episodes, opt, args)
+        update = opd.score_and_update(student, teacher, episodes, opt, tcod.update_config(args))
         assert math_finite(update["loss"]) and update["grad_norm"] > 0
-        kls.append(tcod.kl_metrics(update["kl_tokens"], len(episodes), 3)["token_kl"])
+        kls.append(opd.kl_metrics(update["kl_tokens"], len(episodes), 3)["token_kl"])
         assert update["loss"] == pytest.approx(kls[-1], rel=1e-4)  # the k1 loss value is the mean KL
     assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
     assert kls[-1] < 0.5 * kls[0] and kls[0] > 0.05, kls
@@ -320,7 +321,7 @@ def test_full_vocabulary_estimators_train(tok, chat, estimator):
     episodes = play(student, chat, ["train-0", "train-1"], max_new_tokens=6, max_turns=2)
     args = tcod.Args(lr=3e-3, estimator=estimator, aggregation="seq-mean-token-mean")
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr)
-    losses = [tcod.score_and_update(student, teacher, episodes, opt, args)["loss"] for _ in range(3)]
+    losses = [opd.score_and_update(student, teacher, episodes, opt, tcod.update_config(args))["loss"] for _ in range(3)]
     assert losses[-1] < losses[0]
 
 
@@ -333,7 +334,7 @@ def test_micro_batching_gives_the_same_gradient(tok, chat):
         opt = torch.optim.SGD(student.parameters(), lr=0.0)
         args = tcod.Args(micro_batch=micro_batch, aggregation="seq-mean-token-mean", grad_clip=1e9)
         opt.zero_grad = lambda set_to_none=True: None  # keep the grads for inspection
-        tcod.score_and_update(student, teacher, episodes, opt, args)
+        opd.score_and_update(student, teacher, episodes, opt, tcod.update_config(args))
         grads.append(torch.cat([p.grad.flatten() for p in student.parameters()]))
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)
 
@@ -443,12 +444,12 @@ def test_real_pretrained_model_rollout_scoring_and_update(smollm2_dir):
     assert all(ep.student_turns >= 1 and ep.reply_tokens > 0 for ep in episodes)
     args = tcod.Args(lr=1e-5, micro_batch=2, aggregation="token-mean")
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr)
-    same = tcod.score_and_update(student, teacher, episodes, opt, args)  # teacher == student: the KL is exactly 0
+    same = opd.score_and_update(student, teacher, episodes, opt, tcod.update_config(args))  # teacher == student: the KL is exactly 0
     assert max(abs(v) for _, _, v in same["kl_tokens"]) < 1e-4 and same["grad_norm"] < 1e-3
     with torch.no_grad():
         teacher.model.norm.weight.mul_(1.5)  # now a different teacher
     before = student.lm_head.weight.detach().clone()
-    update = tcod.score_and_update(student, teacher, episodes, opt, args)
+    update = opd.score_and_update(student, teacher, episodes, opt, tcod.update_config(args))
     assert update["grad_norm"] > 0 and math_finite(update["loss"])
     assert not torch.equal(before, student.lm_head.weight)
 
