@@ -47,6 +47,7 @@ import opd
 import tcod
 from curriculum import Plan
 from envs import EnvPool, make_env
+from prompts import default_style
 
 
 @dataclass
@@ -141,7 +142,7 @@ def roll(model, chat, env_name, tasks, turns, seed=0, decoder=None, amp=None):
         return rollout.rollout(
             model, chat, EnvPool(env_name, {}, 0), env, tasks, [Plan(0, turns)] * len(tasks), [None] * len(tasks),
             temperature=1.0, max_new_tokens=24, max_turns=turns, max_context=1 << 20, think=False,
-            generator=torch.Generator().manual_seed(seed), amp=amp,
+            prompt=default_style(env_name), generator=torch.Generator().manual_seed(seed), amp=amp,
         )
     finally:
         rollout.Decoder = old
@@ -405,7 +406,8 @@ def main(args: Args) -> dict:
     try:
         episodes, t_roll = timed(lambda: rollout.rollout(
             student, chat, pool, env, tasks, [Plan(0, turns)] * n, [None] * n, temperature=1.0, max_new_tokens=24,
-            max_turns=turns, max_context=1 << 20, think=False, generator=torch.Generator().manual_seed(2), amp=amp))
+            max_turns=turns, max_context=1 << 20, think=False, prompt=default_style(args.env),
+            generator=torch.Generator().manual_seed(2), amp=amp))
     finally:
         rollout.Decoder = old
     _, t_update = timed(lambda: opd.score_and_update(student, teacher, episodes, optimizer, tcod.update_config(step_args)))

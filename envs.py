@@ -8,8 +8,9 @@ Every env is a plain Python object with
     task_type(task) -> str                  (for per-type breakdowns)
     close()
 and the class attributes `name`, `max_turns` (the paper's T_max), `splits`, `eval_splits`, `instructions`.
-An observation already carries the admissible actions (or their compact form), so the loop needs no
-env-specific formatting. Prompts are built here too, so every benchmark speaks to the model the same way.
+An observation is the compact text (task, scene and admissible actions, or their compact form, in one string); a
+Step also gives the task, scene and actions apart, for the paper's prompt template. prompts.py writes both styles, so
+the loop needs no env-specific formatting and every benchmark speaks to the model the same way.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import logging
 import multiprocessing as mp
 import os
 import random
-import re
 import shutil
 import tarfile
 import tempfile
@@ -38,48 +38,11 @@ class Step:
     score: float = 0.0  # the benchmark's own score (WebShop reward, ScienceWorld score/100); 1.0 = success
     valid: bool = True  # False when the env could not use the action
     info: dict = field(default_factory=dict)
-
-
-# --------------------------------------------------------------------------------------------------
-# Prompts and replies. The structure follows the paper's (verl-agent style) prompts: task, steps taken,
-# history, current observation, admissible actions, and the <think>/<action> instruction. The history is
-# not re-written into each prompt: the episode is one growing chat, so earlier turns are already there.
-
-ACTION_RE = re.compile(r"<action>(.*?)</action>", re.DOTALL)
-MAX_ACTION_CHARS = 200
-
-
-def first_prompt(env, goal_and_observation: str, think: bool) -> str:
-    how = (
-        "First reason step by step inside <think> </think>, then give exactly one action inside <action> </action>."
-        if think
-        else "Reply with exactly one action inside <action> </action>."
-    )
-    return f"{env.instructions}\n{how}\n\n{goal_and_observation}"
-
-
-def turn_prompt(turn: int, observation: str) -> str:
-    return f"step {turn}. {observation}"
-
-
-def format_reply(action: str) -> str:
-    """The assistant message for a replayed (B2F) or demonstrated action."""
-    return f"<action>{action}</action>"
-
-
-def parse_action(text: str) -> tuple[str | None, str]:
-    """The action in a reply, or (None, why) when there is not exactly one usable action."""
-    found = ACTION_RE.findall(text)
-    if not found:
-        return None, "no <action>...</action> in the reply"
-    if len(found) > 1:
-        return None, f"{len(found)} actions in one reply; give exactly one"
-    action = " ".join(found[0].split())
-    if not action:
-        return None, "the action is empty"
-    if len(action) > MAX_ACTION_CHARS:
-        return None, f"the action is longer than {MAX_ACTION_CHARS} characters"
-    return action, ""
+    # The parts of `observation` that the paper-style prompt lays out on its own (prompts.py): the task statement (set
+    # by reset), what the agent observes without task and action list (None: the observation), the admissible actions.
+    task: str = ""
+    scene: str | None = None
+    actions: list[str] | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -127,8 +90,10 @@ class TinyWorld:
         self.places, self.where, self.goals, self.here = self._layout(task)
         self.closed = {p for p in self.places if p in OPENABLE}
         self.hand = None
-        goal = "task: move " + ", ".join(f"{o} to {p}" for o, p in self.goals) + "."
-        return Step(f"{goal}\n{self._observe()}")
+        goal = "move " + ", ".join(f"{o} to {p}" for o, p in self.goals) + "."
+        step = self._observe()
+        step.observation, step.task = f"task: {goal}\n{step.observation}", goal
+        return step
 
     def _next_goal(self):
         return next(((o, p) for o, p in self.goals if self.where.get(o) != p), None)
@@ -141,7 +106,7 @@ class TinyWorld:
             return acts + [f"take {o}" for o, p in self.where.items() if p == self.here]
         return acts + [f"put {self.hand}"]
 
-    def _observe(self) -> str:
+    def _observe(self, before: str = "") -> Step:
         if self.here in self.closed:
             seen = f"at {self.here}, closed."
         else:
@@ -152,11 +117,14 @@ class TinyWorld:
         # that a tiny model reads the decision off fixed offsets instead of comparing place names.
         src = "hand" if self.hand == o else ("here" if self.where[o] == self.here else self.where[o])
         dest = "here" if p == self.here else p
-        return f"actions: {', '.join(self.admissible())}. {seen} hand: {self.hand or 'empty'}. next: {o} from {src} to {dest}."
+        scene, actions = f"{before}{seen} hand: {self.hand or 'empty'}. next: {o} from {src} to {dest}.", self.admissible()
+        return Step(f"{before}actions: {', '.join(actions)}. {scene[len(before):]}", scene=scene, actions=actions)
 
     def step(self, action: str) -> Step:
         if action not in self.admissible():
-            return Step(f"nothing happens. {self._observe()}", valid=False)
+            step = self._observe("nothing happens. ")
+            step.valid = False
+            return step
         verb, arg = action.split(" ", 1)
         if verb == "go":
             self.here = arg
@@ -169,7 +137,7 @@ class TinyWorld:
             self.where[arg], self.hand = self.here, None
         if self._next_goal() is None:
             return Step("done.", done=True, success=True, score=1.0)
-        return Step(self._observe())
+        return self._observe()
 
     def expert(self) -> str:
         """The optimal action from the current state (also from states off the expert's path)."""
@@ -271,9 +239,10 @@ class AlfWorld:
     def task_type(self, task: str) -> str:
         return task.split("/")[1].split("-")[0]
 
-    def _actions(self) -> str:
+    def _observe(self, scene: str, **kw) -> Step:
         # 'help' only prints the command list, which the prompt already gives; 'look' and 'inventory' stay.
-        return "actions: " + ", ".join(a for a in self.admissible if a != "help") + "."
+        actions = [a for a in self.admissible if a != "help"]
+        return Step(f"{scene}\nactions: {', '.join(actions)}.", scene=scene, actions=actions, **kw)
 
     def reset(self, task: str) -> Step:
         if self.env is None:
@@ -290,17 +259,19 @@ class AlfWorld:
         self.admissible = state["admissible_commands"]
         # The intro reads "-= Welcome to TextWorld, ALFRED! =-\n\n<room>\n\nYour task is to: ...": drop the banner.
         room, goal = state.feedback.split("\n\n")[-2:]
-        return Step(f"{goal}\n{room}\n{self._actions()}")
+        step = self._observe(room, task=goal.removeprefix("Your task is to: "))
+        step.observation = f"{goal}\n{step.observation}"
+        return step
 
     def step(self, action: str) -> Step:
         if action not in self.admissible:
             # The game would answer exactly this and change nothing; answering here saves its ~60 ms.
-            return Step(f"Nothing happens.\n{self._actions()}", valid=False)
+            return self._observe("Nothing happens.", valid=False)
         state, _, _ = self.env.step(action)
         self.admissible = state["admissible_commands"]
         if state["won"]:
             return Step(state.feedback, done=True, success=True, score=1.0)
-        return Step(f"{state.feedback}\n{self._actions()}")
+        return self._observe(state.feedback)
 
     def demo(self, task: str) -> list[str]:
         return json.loads(self._game(task).read_text())["walkthrough"]
@@ -317,6 +288,22 @@ SCIENCEWORLD_JVM_OPTIONS = "-Xmx256m -XX:+UseSerialGC"  # 180-350 MB per JVM; th
 NO_MATCH = "No known action matches that input."  # the simulator's answer to input its parser cannot use
 
 
+def scienceworld_task_list() -> list[dict]:
+    """The package's list of the 30 task types (task_id "family-index", task_name), without starting a JVM."""
+    import scienceworld
+
+    return json.loads((Path(scienceworld.__file__).parent / "tasks.json").read_text())
+
+
+def held_out_types() -> set[str]:
+    """The 13 held-out task types of split="type": in each family, the types after the first half (rounded up)."""
+    families = {}
+    for t in scienceworld_task_list():
+        families.setdefault(t["task_id"].split("-")[0], []).append(t)
+    return {t["task_name"] for members in families.values()
+            for t in sorted(members, key=lambda t: int(t["task_id"].split("-")[1]))[(len(members) + 1) // 2 :]}
+
+
 def check_java() -> None:
     """ScienceWorld runs in a JVM: without java every episode would fail one by one, so say so before anything starts."""
     if shutil.which("java") is None:
@@ -324,15 +311,22 @@ def check_java() -> None:
 
 
 class ScienceWorld:
-    """ScienceWorld, with the simulator's own train/dev/test split of each task type's variations, and (by default) the
-    "easy" simplifications the authors load tasks with (`simplifications=""` for the full simulator).
+    """ScienceWorld, split by task type as the paper (or by the simulator's own variation splits), with (by default)
+    the "easy" simplifications the authors load tasks with (`simplifications=""` for the full simulator).
+
+    split="type" (the paper's protocol: 17 task types train, 13 are held out, on the first 50 % of each type's
+    variations): the authors' list of types is not published, so ours is a rule. The 30 types come in 10 families
+    (task ids 1-1 ... 10-2: boiling/melting/freezing, measuring, circuits, ...); in each family the first half of its
+    types (rounded up, in task-id order) are training types and the rest held out, which gives exactly 17 and 13, and
+    tests transfer to an unseen variant of a family seen in training (e.g. test-conductivity-of-unknown-substances).
+    "train" holds the training types' first-half variations, "dev" their second half (seen types, unseen
+    variations), "test" the held-out types' first-half variations. split="variation": "train", "dev" and "test" are
+    the simulator's own splits of every type's variations. `task_types` restricts every split to those types.
 
     A task id is "<task name>-<variation>", e.g. "boil-3". Score runs from -100 to 100: Step.score is score/100, success
-    is a score of 100, and a negative score (a wrong `focus on`) ends the episode as a failure. `task_types` restricts
-    every split to those task types: for the protocol of training on some types and testing on held-out ones, give the
-    training env the training types and the evaluation env the others. The full list of valid actions is 12k+
-    characters, so an observation shows the action templates (first observation only: they never change) and the
-    objects in view.
+    is a score of 100, and a negative score (a wrong `focus on`) ends the episode as a failure. The full list of valid
+    actions is 12k+ characters, so an observation shows the action templates (first observation only in the compact
+    text: they never change; every turn in the paper prompt) and the objects in view.
     A JVM that dies (or a simulator that throws) ends the episode as a failure with info["error"]; the next reset
     starts a new JVM.
     """
@@ -344,13 +338,17 @@ class ScienceWorld:
     instructions = "You are an agent in a world of science experiments. Complete the task with one action per turn."
     _variations: dict[str, tuple[list[int], ...]] = {}  # task name -> its train/dev/test variations (any JVM agrees)
 
-    def __init__(self, task_types: list[str] | None = None, simplifications: str = "easy"):
+    def __init__(self, task_types: list[str] | None = None, simplifications: str = "easy", split: str = "type"):
         check_java()
+        if split not in ("type", "variation"):
+            raise ValueError(f"scienceworld split {split!r}: use 'type' (the paper's) or 'variation' (the simulator's)")
+        self.split = split
         # "easy" (teleport, open doors and containers, self-watering pots, no electrical action) is how the authors
         # load every task; "" is the simulator's full difficulty (the gold paths of 14 of the 30 types' first test
         # variations exceed T_max 30 either way: easy shortens boil, melt and freeze by about 30 actions).
         self.task_types, self.simplifications = task_types, simplifications
         self.sim = None  # the scienceworld.ScienceWorldEnv, started on first use
+        self.templates = None  # the action templates of the loaded task
         self.error = None  # why the JVM is unusable, when it is
 
     def _simulator(self):
@@ -369,14 +367,24 @@ class ScienceWorld:
     def tasks(self, split: str) -> list[str]:
         if split not in self.splits:
             raise ValueError(f"scienceworld has splits {self.splits}, not {split!r}")
-        names = self.task_types or self._simulator().get_task_names()
+        names = self.task_types or sorted(t["task_name"] for t in scienceworld_task_list())
+        if self.split == "type":
+            held_out = held_out_types()
+            names = [n for n in names if (n in held_out) == (split == "test")]
         for name in names:
             if name not in ScienceWorld._variations:  # the variation lists are only readable from a loaded task
                 sim = self._simulator()
                 sim.load(name, 0)
                 ScienceWorld._variations[name] = (
                     sim.get_variations_train(), sim.get_variations_dev(), sim.get_variations_test())
-        return [f"{name}-{v}" for name in names for v in ScienceWorld._variations[name][self.splits.index(split)]]
+        if self.split == "variation":
+            return [f"{name}-{v}" for name in names for v in ScienceWorld._variations[name][self.splits.index(split)]]
+        tasks = []
+        for name in names:
+            every = sorted(v for part in ScienceWorld._variations[name] for v in part)
+            half = (len(every) + 1) // 2
+            tasks += [f"{name}-{v}" for v in (every[half:] if split == "dev" else every[:half])]
+        return tasks
 
     def task_type(self, task: str) -> str:
         return task.rsplit("-", 1)[0]
@@ -394,9 +402,11 @@ class ScienceWorld:
             # load() builds a fresh world; the wrapper's reset() would build it again (6-8 s on Mendelian tasks).
             sim.load(name, int(variation), self.simplifications)
             look = sim.server.step("look around")  # the first move, as in the wrapper's reset()
-            templates = ", ".join(sim.get_possible_actions())
-            return Step(f"{sim.get_task_description()}\n{look}\nactions (OBJ is an object): {templates}.\n"
-                        f"objects: {', '.join(sim.get_possible_objects())}.")
+            self.templates = sim.get_possible_actions()
+            scene, task = f"{look}\nobjects: {', '.join(sim.get_possible_objects())}.", sim.get_task_description()
+            return Step(f"{task}\n{look}\nactions (OBJ is an object): {', '.join(self.templates)}.\n"
+                        f"objects: {', '.join(sim.get_possible_objects())}.", task=task, scene=scene,
+                        actions=self.templates)
         except Py4JError as e:
             return self._failed(e)
 
@@ -415,7 +425,7 @@ class ScienceWorld:
         except Py4JError as e:
             return self._failed(e)
         return Step(observation, done=done, success=score >= 100, score=score / 100,
-                    valid=not observation.startswith(NO_MATCH))
+                    valid=not observation.startswith(NO_MATCH), actions=self.templates)
 
     def demo(self, task: str, tries: int = 3) -> list[str] | None:
         """The simulator's gold path, kept only if replaying it in the world it was made for reaches score 100.

@@ -32,6 +32,7 @@ import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import tyro
@@ -41,6 +42,7 @@ import rundir
 import rollout
 import tcod
 from envs import EnvPool, env_class, make_env
+from prompts import default_style
 
 ORACLE = "oracle"
 
@@ -71,6 +73,8 @@ class Args:
     """most tokens per reply (default: 512; 32 for the tiny models)"""
     think: bool | None = None
     """ask for <think> before <action> (default: on, off for the tiny models)"""
+    prompt: Literal["paper", "compact"] | None = None
+    """prompt style (prompts.py; default: the run's, else paper on the real benchmarks and compact on tinyworld)"""
     batch: int = 16
     """episodes rolled out together"""
     dtype: str = "auto"
@@ -215,6 +219,7 @@ def main(args: Args) -> dict:
     args = dataclasses.replace(  # a run's own settings, unless given here
         args, env=args.env or run_args.get("env", "tinyworld"),
         think=run_args.get("think") if args.think is None else args.think,
+        prompt=args.prompt or run_args.get("prompt"),
         max_new_tokens=args.max_new_tokens or run_args.get("max_new_tokens"),
         max_turns=args.max_turns or run_args.get("max_turns"),
     )
@@ -236,6 +241,7 @@ def main(args: Args) -> dict:
     out = out_dir(args.out, os.path.join("runs", f"eval-{args.env}-{model_label(model_path, run_args or None)}"))
     max_new_tokens = args.max_new_tokens or (32 if tiny else 512)
     think = (not tiny) if args.think is None else args.think
+    prompt = args.prompt or default_style(args.env)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = chat = None
     max_context = 1 << 30
@@ -248,7 +254,7 @@ def main(args: Args) -> dict:
     envs = EnvPool(args.env, env_kwargs, tcod.default_workers(args.env) if args.env_workers is None else args.env_workers)
     max_turns = args.max_turns or env_cls.max_turns
     used = {**vars(args), "splits": list(splits), "max_turns": max_turns, "max_new_tokens": max_new_tokens,
-            "think": think, "model_path": model_path, "run": run_args or None, "out": out}
+            "think": think, "prompt": prompt, "model_path": model_path, "run": run_args or None, "out": out}
     os.makedirs(out, exist_ok=True)
     episodes_path = os.path.join(out, "episodes.jsonl")  # one row per finished episode, appended per batch
     results, demos, replies, unsolved = {}, {}, {}, []
@@ -265,7 +271,7 @@ def main(args: Args) -> dict:
                         done = play_demos(envs, env, batch, max_turns)
                     else:  # sample j of batch b has its own fixed seed
                         done = rollout.evaluate(model, chat, envs, env, batch, batch=args.batch, temperature=args.temperature,
-                                                max_new_tokens=max_new_tokens, think=think, max_turns=max_turns,
+                                                max_new_tokens=max_new_tokens, think=think, prompt=prompt, max_turns=max_turns,
                                                 max_context=max_context, seed=args.seed + b + 1_000_003 * sample)
                     append_episodes(episodes_path, split, sample, done)
                     episodes += done

@@ -14,7 +14,8 @@ import torch
 
 import models
 from curriculum import Plan
-from envs import Step, first_prompt, format_reply, parse_action, turn_prompt
+from envs import Step
+from prompts import Prompter, format_reply, parse_action, refused
 
 def model_device(model) -> torch.device:
     return next(model.parameters()).device
@@ -238,10 +239,12 @@ class Episode:
 
 
 @torch.no_grad()
-def rollout(model, chat: Chat, envs, env, tasks, plans, demos, *, temperature, max_new_tokens, max_turns, max_context, think, generator, amp=None):
+def rollout(model, chat: Chat, envs, env, tasks, plans, demos, *, temperature, max_new_tokens, max_turns, max_context, think, prompt,
+            generator, amp=None):
     """Play one episode per task, all at once. plans[i] is a curriculum.Plan, demos[i] an action list or None.
-    amp: the autocast dtype of the model's forwards (`precision`), or None."""
+    prompt: the prompt style (prompts.STYLES). amp: the autocast dtype of the model's forwards (`precision`), or None."""
     episodes = [Episode(t, prefix=p.prefix) for t, p in zip(tasks, plans)]
+    prompters = [Prompter(prompt, env, think) for _ in tasks]
 
     def extend(ep: Episode, tokens: list[int]) -> bool:
         """Append a user message, unless the stream could then not fit one more reply: that ends the episode."""
@@ -251,29 +254,28 @@ def rollout(model, chat: Chat, envs, env, tasks, plans, demos, *, temperature, m
         ep.add(tokens)
         return True
 
-    steps = envs.reset(tasks)
-    last_obs = [s.observation for s in steps]
-    for ep, s in zip(episodes, steps):
-        if extend(ep, chat.first(first_prompt(env, s.observation, think))) and s.done:  # an env that failed at reset
+    last = envs.reset(tasks)  # per episode: the env's latest Step
+    for ep, p, s in zip(episodes, prompters, last):
+        if extend(ep, chat.first(p.first(s))) and s.done:  # an env that failed at reset
             ep.finish(s)
 
     # B2F: replay the demonstration prefix. The student sees it as history; it is never trained.
     for j in range(max((ep.prefix for ep in episodes), default=0)):
         slots = [i for i, ep in enumerate(episodes) if not ep.done and j < ep.prefix]
         for i, s in zip(slots, envs.step(slots, [demos[i][j] for i in slots])):
-            ep = episodes[i]
+            ep, action = episodes[i], demos[i][j]
             ep.turns += 1
             ep.saw(s)
             ep.replay_refused += not s.valid
-            last_obs[i] = s.observation
-            ep.actions.append(demos[i][j])
-            ep.replies.append(format_reply(demos[i][j]))
+            last[i] = s
+            ep.actions.append(action)
+            ep.replies.append(format_reply(action))
             if s.done:
-                ep.add(chat.assistant(format_reply(demos[i][j])))
+                ep.add(chat.assistant(format_reply(action)))
                 ep.finish(s)
                 ep.replay_done = True
             else:
-                extend(ep, chat.assistant(format_reply(demos[i][j])) + chat.user(turn_prompt(ep.turns, s.observation)))
+                extend(ep, chat.assistant(format_reply(action)) + chat.user(prompters[i].after(action, s)))
 
     decoder = Decoder(model, len(chat.tok), generator)
     active = [i for i, ep in enumerate(episodes) if not ep.done]
@@ -298,7 +300,7 @@ def rollout(model, chat: Chat, envs, env, tasks, plans, demos, *, temperature, m
             ep.student_turns += 1
             if action is None:
                 ep.invalid += 1
-                s = Step(f"invalid reply: {why}. {last_obs[i]}", valid=False)
+                s = refused(last[i], why)
             else:
                 s = results[i]
                 ep.saw(s)
@@ -306,12 +308,12 @@ def rollout(model, chat: Chat, envs, env, tasks, plans, demos, *, temperature, m
                 if s.valid:
                     ep.actions.append(action)
                     ep.replies.append(texts[r])
-                last_obs[i] = s.observation
+                last[i] = s  # (a refused reply changes nothing: the next refusal restates this Step, not itself)
             if s.done:
                 ep.finish(s)
             elif ep.turns >= max_turns or ep.student_turns >= plans[i].student_turns:
                 ep.done = True  # the horizon, or the F2B depth: stop here without a verdict of success
-            elif extend(ep, chat.user(turn_prompt(ep.turns, s.observation))):
+            elif extend(ep, chat.user(prompters[i].after(action, s))):
                 keep.append(r)
         if len(keep) < len(active):
             decoder.keep(keep)
@@ -325,7 +327,7 @@ def trained_turns(episode: Episode) -> list[int]:
 
 
 def evaluate(model, chat, envs, env, tasks, *, batch: int, temperature: float, max_new_tokens: int, think: bool,
-             max_turns: int, max_context: int, seed: int, amp=None) -> list[Episode]:
+             prompt: str, max_turns: int, max_context: int, seed: int, amp=None) -> list[Episode]:
     """Full horizon from scratch (the paper's eval), in fixed batches with fixed seeds (amp: as in rollout)."""
     episodes = []
     for b in range(0, len(tasks), batch):
@@ -334,6 +336,6 @@ def evaluate(model, chat, envs, env, tasks, *, batch: int, temperature: float, m
         episodes += rollout(
             model, chat, envs, env, part, [Plan(0, max_turns)] * len(part), [None] * len(part),
             temperature=temperature, max_new_tokens=max_new_tokens, max_turns=max_turns,
-            max_context=max_context, think=think, generator=gen, amp=amp,
+            max_context=max_context, think=think, prompt=prompt, generator=gen, amp=amp,
         )
     return episodes

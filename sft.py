@@ -23,6 +23,7 @@ import random
 import shutil
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import tyro
@@ -31,7 +32,8 @@ from tqdm import tqdm
 import kl
 import models
 from rollout import Chat, Episode, evaluate, precision, trained_turns
-from envs import EnvPool, TinyWorld, first_prompt, format_reply, turn_prompt
+from envs import EnvPool, TinyWorld
+from prompts import Prompter, default_style, first_prompt, format_reply, turn_prompt
 
 TINY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tiny")  # shipped; rebuilt by this file
 CHATML = (
@@ -56,6 +58,9 @@ class BaselineArgs:
     """demonstrations per step"""
     think: bool | None = None
     """the prompt asks for <think> (default: on, off for the tiny models); use what the demos were made with"""
+    prompt: Literal["paper", "compact"] | None = None
+    """prompt style, paper or compact (prompts.py; default: paper on the real benchmarks, compact on tinyworld); use
+    what the demos were made with"""
     dtype: str = "auto"
     """auto (bf16-mixed on a GPU, float32 on a CPU), float32 or bf16-mixed: float32 weights, bf16 autocast (rollout.precision)"""
     seed: int = 0
@@ -132,15 +137,15 @@ def demo_stream(env, chat, task: str, think: bool, noise: float, rng: random.Ran
     """One demonstration episode as (token ids, per-token trained flag); with noise, random actions are mixed in
     (kept as context, never trained) and the expert's way back from them is trained."""
 
-    ep, step, trained = Episode(task), env.reset(task), []
-    ep.add(chat.first(first_prompt(env, step.observation, think)))
+    ep, step, prompter = Episode(task), env.reset(task), Prompter("compact", env, think)
+    ep.add(chat.first(prompter.first(step)))
     while not step.done and ep.turns < env.max_turns:
         expert = env.expert()
         act = rng.choice(env.admissible()) if rng.random() < noise else expert
         ep.add(chat.assistant(format_reply(act)), turn=ep.turns if act == expert else -1)
         step, ep.turns = env.step(act), ep.turns + 1
         if not step.done:
-            ep.add(chat.user(turn_prompt(ep.turns, step.observation)))
+            ep.add(chat.user(prompter.after(act, step)))
     return ep
 
 
@@ -178,18 +183,18 @@ def sft(model, episodes, steps: int, lr: float, batch: int = 16, seed: int = 0, 
     return losses
 
 
-def replayed_stream(env, chat, task: str, actions: list[str], replies: list[str], think: bool):
-    """A saved trajectory rebuilt as a chat: the replies trained, the env's observations between them. None if the
-    actions no longer reach success (a changed env or data)."""
+def replayed_stream(env, chat, task: str, actions: list[str], replies: list[str], think: bool, prompt: str):
+    """A saved trajectory rebuilt as a chat in prompt style `prompt`: the replies trained, the env's observations
+    between them. None if the actions no longer reach success (a changed env or data)."""
 
-    ep, step = Episode(task), env.reset(task)
-    ep.add(chat.first(first_prompt(env, step.observation, think)))
+    ep, step, prompter = Episode(task), env.reset(task), Prompter(prompt, env, think)
+    ep.add(chat.first(prompter.first(step)))
     for action, reply in zip(actions, replies):
         ep.add(chat.assistant(reply), turn=ep.turns)
         step, ep.turns = env.step(action), ep.turns + 1
         if step.done:
             break
-        ep.add(chat.user(turn_prompt(ep.turns, step.observation)))
+        ep.add(chat.user(prompter.after(action, step)))
     return ep if step.success else None
 
 
@@ -205,7 +210,9 @@ def baseline(args: BaselineArgs) -> str:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = models.load_tokenizers(args.model, args.model)
     chat, env = Chat(tok), make_env(args.env)
-    data = [replayed_stream(env, chat, t, a, replies.get(t) or [format_reply(x) for x in a], think) for t, a in tqdm(demos.items(), desc="demos")]
+    prompt = args.prompt or default_style(args.env)
+    data = [replayed_stream(env, chat, t, a, replies.get(t) or [format_reply(x) for x in a], think, prompt)
+            for t, a in tqdm(demos.items(), desc="demos")]
     env.close()
     kept = [d for d in data if d is not None]
     if not kept:
@@ -253,7 +260,7 @@ def build_tiny(args: Args) -> None:
     def save(name: str, step: int) -> None:
         was_training = model.training
         test = evaluate(model.eval(), chat, EnvPool("tinyworld", {}, 0), env, env.tasks("test")[:100], batch=16, temperature=0.4,
-                        max_new_tokens=16, think=False, max_turns=env.max_turns, max_context=2048, seed=0)
+                        max_new_tokens=16, think=False, prompt="compact", max_turns=env.max_turns, max_context=2048, seed=0)
         model.train(was_training)
         path, tmp = os.path.join(args.out, name), os.path.join(args.out, name + ".tmp")
         model.save_pretrained(tmp)

@@ -34,7 +34,8 @@ import models
 import transcripts
 from curriculum import Curriculum, Plan, check_demos_cover, load_demos
 from dist import Dist, gather_episodes
-from envs import EnvPool, check_java, env_class, eval_panel, first_prompt, make_env
+from envs import EnvPool, check_java, env_class, eval_panel, make_env
+from prompts import Prompter, default_style
 from models import TINY, ModelError, check_models, load_model, load_tokenizers, resolve_model, size_warning
 from opd import UpdateConfig, default_aggregation, episode_metrics, kl_metrics, score_episodes, update
 from rollout import Chat, evaluate, precision, rollout
@@ -94,6 +95,10 @@ class Args:
     """most tokens in one episode's stream (default: the model's limit); an episode that would pass it ends as truncated"""
     think: bool | None = None
     """ask for <think> reasoning before <action> (default: on, off for the tiny models)"""
+    prompt: Literal["paper", "compact"] | None = None
+    """what the model reads each turn (prompts.py): paper, the paper's template (task, step count and the last 2
+    (observation, action) pairs restated every turn); compact, ours (`step t. <observation>`). Default: paper on the
+    real benchmarks, compact on tinyworld (its tokenizer and shipped models were made with it)"""
     turns_per_update: int | None = None
     """student turns (the paper's turn-rows) per optimizer step: a rollout holding more turns takes several AdamW
     steps, on groups of whole episodes of about this many turns each (default: the paper's 64 on the real benchmarks;
@@ -177,7 +182,7 @@ def resolve_args(args: Args) -> Args:
     if args.demos and args.curriculum != "b2f":
         raise ValueError(f"--demos is for --curriculum b2f (got {args.curriculum})")
     defaults = {
-        "steps": 40 if tiny else 250, "lr": 1e-4 if tiny else 1e-6, "think": not tiny,
+        "prompt": default_style(args.env), "steps": 40 if tiny else 250, "lr": 1e-4 if tiny else 1e-6, "think": not tiny,
         "max_new_tokens": 32 if tiny else 512, "max_turns": env_cls.max_turns, "gradient_checkpointing": not tiny,
         "env_workers": default_workers(args.env),
         "aggregation": default_aggregation(args.env, args.curriculum),
@@ -294,7 +299,8 @@ def run(args: Args, locks: list) -> dict:
     if file_demos is not None:
         check_demos_cover(file_demos, train_tasks, args.demos)
     if args.max_context is not None:  # the prompt of a first task, with one reply, must fit
-        check_prompt_fits(len(chat.first(first_prompt(env, env.reset(train_tasks[0]).observation, args.think))), args.max_new_tokens, args.max_context)
+        first = Prompter(args.prompt, env, args.think).first(env.reset(train_tasks[0]))
+        check_prompt_fits(len(chat.first(first)), args.max_new_tokens, args.max_context)
     mem_plan = memory_plan(args)  # from the configs alone: refuses what cannot fit before the (large) models load
     if args.dry_run:
         return mem_plan
@@ -342,15 +348,15 @@ def run(args: Args, locks: list) -> dict:
             keep_rows_before(metrics_path, start)
 
     envs = EnvPool(args.env, env_kwargs, args.env_workers, step_timeout=args.env_timeout)
-    kwargs = dict(max_new_tokens=args.max_new_tokens, max_turns=args.max_turns, max_context=max_context, think=args.think)
+    kwargs = dict(max_new_tokens=args.max_new_tokens, max_turns=args.max_turns, max_context=max_context, think=args.think, prompt=args.prompt)
     rank_seed = dist.rank if dist else 0
 
     def run_eval(step: int) -> dict:
         """Full horizon from scratch; the teacher also scores the episodes: KL by turn where the curriculum never cut."""
         mine = dist.shard(eval_tasks) if dist else eval_tasks
         episodes = evaluate(student, chat, envs, env, mine, batch=args.tasks_per_step, temperature=args.eval_temperature,
-                            max_new_tokens=args.max_new_tokens, think=args.think, max_turns=args.max_turns,
-                            max_context=max_context, seed=args.seed + 1_000 * rank_seed, amp=amp)
+                            max_new_tokens=args.max_new_tokens, think=args.think, prompt=args.prompt,
+                            max_turns=args.max_turns, max_context=max_context, seed=args.seed + 1_000 * rank_seed, amp=amp)
         episodes, kl_tokens = gather_episodes(dist, episodes, score_episodes(student, teacher, episodes, args.micro_batch, amp))
         klm = kl_metrics(kl_tokens, len(episodes), args.max_turns)
         if lead and args.transcript_episodes:

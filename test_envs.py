@@ -104,14 +104,39 @@ def scienceworld():
 
 
 @needs_scienceworld
-def test_scienceworld_splits(scienceworld):
+def test_scienceworld_variation_splits():
+    env = ScienceWorld(split="variation")
+    try:
+        train, dev, test = (env.tasks(s) for s in ("train", "dev", "test"))
+        assert (len(train), len(dev), len(test)) == (3592, 1796, 1819)  # 7,207 variations in all
+        assert not (set(train) & set(test)) and not (set(dev) & set(test))
+        assert len({env.task_type(t) for t in test}) == 30
+        some = ScienceWorld(task_types=["boil", "melt"], split="variation")
+        assert {some.task_type(t) for t in some.tasks("test")} == {"boil", "melt"}
+        assert some.tasks("test") == [t for t in test if t.startswith(("boil-", "melt-"))]
+    finally:
+        env.close()
+
+
+@needs_scienceworld
+def test_scienceworld_type_split_holds_out_13_types(scienceworld):
+    """The paper's protocol (default): 17 training types, 13 held out, each on the first half of its variations."""
     train, dev, test = (scienceworld.tasks(s) for s in ("train", "dev", "test"))
-    assert (len(train), len(dev), len(test)) == (3592, 1796, 1819)  # 7,207 variations in all
-    assert not (set(train) & set(test)) and not (set(dev) & set(test))
-    assert len({scienceworld.task_type(t) for t in test}) == 30
-    held_out = ScienceWorld(task_types=["boil", "melt"])
-    assert {held_out.task_type(t) for t in held_out.tasks("test")} == {"boil", "melt"}
-    assert held_out.tasks("test") == [t for t in test if t.startswith(("boil-", "melt-"))]
+    types = lambda tasks: {scienceworld.task_type(t) for t in tasks}  # noqa: E731
+    assert len(types(train)) == 17 and len(types(test)) == 13 and types(dev) == types(train)
+    assert not types(train) & types(test) and types(test) == envs.held_out_types()
+    # per family (task id 1-x, 2-x, ...) the first half of the types (rounded up) train: e.g. boil and melt of 1-1..1-4
+    assert {"boil", "melt"} <= types(train) and {"freeze", "change-the-state-of-matter-of"} <= types(test)
+    assert {"mendelian-genetics-known-plant", "grow-plant"} <= types(train) and "grow-fruit" in types(test)
+    for name in ("boil", "freeze"):
+        every = sorted(v for part in ScienceWorld._variations[name] for v in part)
+        half = (len(every) + 1) // 2
+        mine = [int(t.rsplit("-", 1)[1]) for t in (train if name == "boil" else test) if scienceworld.task_type(t) == name]
+        assert mine == every[:half]
+        if name == "boil":
+            assert [int(t.rsplit("-", 1)[1]) for t in dev if t.startswith("boil-")] == every[half:]
+    with pytest.raises(ValueError, match="split 'random'"):
+        ScienceWorld(split="random")
 
 
 @needs_scienceworld

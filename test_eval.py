@@ -58,7 +58,7 @@ def test_a_policy_of_invalid_actions_scores_zero(tok, chat, scripted):  # noqa: 
     env = TinyWorld()
     tasks = env.tasks("test")[:5]
     episodes = rollout.evaluate(None, chat, EnvPool("tinyworld", {}, 0), env, tasks, batch=5, temperature=0.4, max_new_tokens=16,
-                                think=False, max_turns=6, max_context=4096, seed=0)
+                                think=False, prompt="compact", max_turns=6, max_context=4096, seed=0)
     r = evaluation.summarize(episodes, {t: env.task_type(t) for t in tasks})
     assert r["success"] == 0.0 and r["invalid"] == 1.0 and r["rounds"] == 6 and r["by_type"]["move3"]["tasks"] == 5
 
@@ -88,7 +88,7 @@ def test_samples_write_demos_that_b2f_replays_and_sft_trains_on(model_dirs, tmp_
     tok = tcod.load_tokenizers("tiny-student", "tiny-student")
     chat = rollout.Chat(tok)
     task, actions = next(iter(data["demos"].items()))
-    ep = sft.replayed_stream(env, chat, task, actions, data["replies"][task], think=False)
+    ep = sft.replayed_stream(env, chat, task, actions, data["replies"][task], think=False, prompt="compact")
     trained = [i for i, t in enumerate(ep.turn_of) if t >= 0]
     assert tok.decode([ep.ids[i] for i in trained]).count("<action>") == len(actions)
     model_out = sft.baseline(sft.BaselineArgs(demos=os.path.join(out, "demos.json"), epochs=1, out=str(tmp_path / "sft")))
@@ -101,7 +101,7 @@ def test_b2f_plan_with_a_file_demo_replays_its_prefix(tok, chat, scripted):  # n
     demo = env.demo(task)
     scripted.script = staticmethod(lambda text: tok("<action>look</action>", add_special_tokens=False)["input_ids"] + [chat.eos])
     (ep,) = rollout.rollout(None, chat, EnvPool("tinyworld", {}, 0), env, [task], [Plan(len(demo) - 1, 1)], [demo],
-                         temperature=1.0, max_new_tokens=8, max_turns=20, max_context=4096, think=False, generator=torch.Generator())
+                         temperature=1.0, max_new_tokens=8, max_turns=20, max_context=4096, think=False, prompt="compact", generator=torch.Generator())
     assert ep.actions[: len(demo) - 1] == demo[:-1] and ep.prefix == len(demo) - 1 and ep.student_turns == 1
 
 

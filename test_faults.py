@@ -137,7 +137,7 @@ def test_env_fault_mid_episode_fails_only_that_episode(tok, chat, scripted, monk
     try:
         episodes = rollout.rollout(
             None, chat, pool, env, tasks, [Plan(0, 20)] * 2, [None] * 2, temperature=1.0, max_new_tokens=40,
-            max_turns=20, max_context=4096, think=False, generator=torch.Generator(),
+            max_turns=20, max_context=4096, think=False, prompt="compact", generator=torch.Generator(),
         )
     finally:
         pool.close()

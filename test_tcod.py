@@ -19,7 +19,8 @@ import rollout
 import opd
 import tcod
 from curriculum import Curriculum, Plan, b2f_plan, depth, f2b_plan
-from envs import EnvPool, TinyWorld, first_prompt, format_reply, make_env, parse_action
+from envs import EnvPool, TinyWorld, make_env
+from prompts import default_style, first_prompt, format_reply, parse_action
 
 
 # --------------------------------------------------------------------------------------------------
@@ -71,7 +72,7 @@ def play(model, chat, tasks, plans=None, demos=None, temperature=1.0, seed=0, ma
     return rollout.rollout(
         model, chat, EnvPool("tinyworld", {}, 0), env, tasks, plans, demos or [None] * len(tasks),
         temperature=temperature, max_new_tokens=max_new_tokens, max_turns=max_turns, max_context=max_context,
-        think=False, generator=torch.Generator().manual_seed(seed),
+        think=False, prompt="compact", generator=torch.Generator().manual_seed(seed),
     )
 
 
@@ -439,7 +440,7 @@ def test_real_pretrained_model_rollout_scoring_and_update(smollm2_dir):
     chat = rollout.Chat(tcod.load_tokenizers(smollm2_dir, smollm2_dir))
     episodes = rollout.rollout(
         student, chat, EnvPool("tinyworld", {}, 0), TinyWorld(), ["test-0", "test-1"], [Plan(0, 2)] * 2, [None] * 2,
-        temperature=1.0, max_new_tokens=24, max_turns=2, max_context=2048, think=True, generator=torch.Generator().manual_seed(0),
+        temperature=1.0, max_new_tokens=24, max_turns=2, max_context=2048, think=True, prompt="compact", generator=torch.Generator().manual_seed(0),
     )
     assert all(ep.student_turns >= 1 and ep.reply_tokens > 0 for ep in episodes)
     args = tcod.Args(lr=1e-5, micro_batch=2, aggregation="token-mean")
@@ -482,7 +483,7 @@ def test_tiny_model_rollout_on_each_benchmark(tok, chat, env_name, tasks):
     try:
         episodes = rollout.rollout(
             make_model(tok), chat, pool, env, tasks, [Plan(0, 2)] * len(tasks), [None] * len(tasks),
-            temperature=1.0, max_new_tokens=8, max_turns=2, max_context=4096, think=True,
+            temperature=1.0, max_new_tokens=8, max_turns=2, max_context=4096, think=True, prompt=default_style(env_name),
             generator=torch.Generator().manual_seed(0),
         )
     finally:

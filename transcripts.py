@@ -16,7 +16,7 @@ import json
 import os
 import sys
 
-from envs import parse_action
+from prompts import parse_action
 
 MAX_CHARS = 2000
 

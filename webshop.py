@@ -384,22 +384,24 @@ class WebShop:
             texts += {"description": [p["Description"]], "features": p["BulletPoints"], "reviews": []}[s["sub"]]
         return [t.strip() for t in texts if t and t.strip()], buttons, groups
 
-    def _observe(self) -> str:
+    def _observe(self, before: str = "", **kw) -> Step:
+        """The page as a Step: its text then one line of admissible actions (the compact observation), and apart."""
         texts, buttons, _ = self._page()
+        scene = before + SEP.join(texts)
         if self.s["page"] == "done":
-            return SEP.join(texts)
-        acts = "search[...]" if self.s["page"] == "search" else ", ".join(f"click[{b}]" for b in buttons)
-        return f"{SEP.join(texts)}\nactions: {acts}"
+            return Step(scene, scene=scene, task=self.goal["instruction_text"], **kw)
+        acts = ["search[...]"] if self.s["page"] == "search" else [f"click[{b}]" for b in buttons]
+        return Step(f"{scene}\nactions: {', '.join(acts)}", scene=scene, actions=acts, task=self.goal["instruction_text"], **kw)
 
     def _new_state(self) -> dict:
         return dict(page="search", hits=[], pageno=1, asin=None, options={}, sub=None, reward=0.0)
 
     def reset(self, task: str) -> Step:
         self.goal, self.s = self._goal(task), self._new_state()
-        return Step(self._observe(), info={"task": task})
+        return self._observe(info={"task": task})
 
     def _invalid(self, why: str) -> Step:
-        return Step(f"Invalid action: {why}.\n{self._observe()}", valid=False)
+        return self._observe(f"Invalid action: {why}.\n", valid=False)
 
     def step(self, action: str) -> Step:
         s = self.s
@@ -414,7 +416,7 @@ class WebShop:
             if s["page"] != "search":
                 return self._invalid("search[...] works only on the search page; click[back to search] first")
             s.update(page="results", hits=self.search(" ".join(arg.split())), pageno=1, asin=None, options={})
-            return Step(self._observe())
+            return self._observe()
         _, buttons, groups = self._page()
         if arg not in buttons:
             return self._invalid(f"there is no button {arg!r} on this page")
@@ -438,8 +440,8 @@ class WebShop:
             reward, info = get_reward(self.by_asin[s["asin"]], self.goal, self.prices[s["asin"]], s["options"])
             s.update(page="done", reward=reward)
             info.update(asin=s["asin"], options=dict(s["options"]))
-            return Step(self._observe(), done=True, success=reward >= 1.0 - 1e-9, score=reward, info=info)
-        return Step(self._observe())
+            return self._observe(done=True, success=reward >= 1.0 - 1e-9, score=reward, info=info)
+        return self._observe()
 
     def demo(self, task: str) -> list[str] | None:
         """The expert: search the goal's query, page to the goal product, pick the goal options, buy.
