@@ -272,7 +272,7 @@ def main(args: Args) -> dict:
                     else:  # sample j of batch b has its own fixed seed
                         done = rollout.evaluate(model, chat, envs, env, batch, batch=args.batch, temperature=args.temperature,
                                                 max_new_tokens=max_new_tokens, think=think, prompt=prompt, max_turns=max_turns,
-                                                max_context=max_context, seed=args.seed + b + 1_000_003 * sample)
+                                                max_context=max_context, seed=args.seed + b + 1_000_003 * sample, desc="turns")
                     append_episodes(episodes_path, split, sample, done)
                     episodes += done
                 first = first or episodes

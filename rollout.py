@@ -11,6 +11,7 @@ import contextlib
 from dataclasses import dataclass, field
 
 import torch
+from tqdm import tqdm
 
 import models
 from curriculum import Plan
@@ -240,9 +241,10 @@ class Episode:
 
 @torch.no_grad()
 def rollout(model, chat: Chat, envs, env, tasks, plans, demos, *, temperature, max_new_tokens, max_turns, max_context, think, prompt,
-            generator, amp=None):
+            generator, amp=None, desc=None):
     """Play one episode per task, all at once. plans[i] is a curriculum.Plan, demos[i] an action list or None.
-    prompt: the prompt style (prompts.STYLES). amp: the autocast dtype of the model's forwards (`precision`), or None."""
+    prompt: the prompt style (prompts.STYLES). amp: the autocast dtype of the model's forwards (`precision`), or None.
+    desc: show a progress bar with this label (turns played, episodes still active), e.g. for a long first eval."""
     episodes = [Episode(t, prefix=p.prefix) for t, p in zip(tasks, plans)]
     prompters = [Prompter(prompt, env, think) for _ in tasks]
 
@@ -279,7 +281,9 @@ def rollout(model, chat: Chat, envs, env, tasks, plans, demos, *, temperature, m
 
     decoder = Decoder(model, len(chat.tok), generator)
     active = [i for i, ep in enumerate(episodes) if not ep.done]
+    bar = tqdm(total=max_turns, desc=desc, unit="turn", leave=False, disable=desc is None)
     while active:
+        bar.set_postfix(active=f"{len(active)}/{len(tasks)}")
         with autocast(amp and model_device(model), amp):  # one context per reply: each weight is cast to bf16 once per turn
             replies = decoder.reply([episodes[i].ids for i in active], chat.eos, temperature, max_new_tokens)
         parsed, texts = [], []
@@ -318,6 +322,8 @@ def rollout(model, chat: Chat, envs, env, tasks, plans, demos, *, temperature, m
         if len(keep) < len(active):
             decoder.keep(keep)
         active = [active[r] for r in keep]
+        bar.update(1)
+    bar.close()
     return episodes
 
 
@@ -327,15 +333,16 @@ def trained_turns(episode: Episode) -> list[int]:
 
 
 def evaluate(model, chat, envs, env, tasks, *, batch: int, temperature: float, max_new_tokens: int, think: bool,
-             prompt: str, max_turns: int, max_context: int, seed: int, amp=None) -> list[Episode]:
-    """Full horizon from scratch (the paper's eval), in fixed batches with fixed seeds (amp: as in rollout)."""
+             prompt: str, max_turns: int, max_context: int, seed: int, amp=None, desc=None) -> list[Episode]:
+    """Full horizon from scratch (the paper's eval), in fixed batches with fixed seeds (amp, desc: as in rollout)."""
     episodes = []
     for b in range(0, len(tasks), batch):
         part = tasks[b : b + batch]
+        label = desc and f"{desc} batch {b // batch + 1}/{-(-len(tasks) // batch)}"
         gen = torch.Generator().manual_seed(seed * 7919 + b)
         episodes += rollout(
             model, chat, envs, env, part, [Plan(0, max_turns)] * len(part), [None] * len(part),
             temperature=temperature, max_new_tokens=max_new_tokens, max_turns=max_turns,
-            max_context=max_context, think=think, prompt=prompt, generator=gen, amp=amp,
+            max_context=max_context, think=think, prompt=prompt, generator=gen, amp=amp, desc=label,
         )
     return episodes

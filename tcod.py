@@ -356,7 +356,8 @@ def run(args: Args, locks: list) -> dict:
         mine = dist.shard(eval_tasks) if dist else eval_tasks
         episodes = evaluate(student, chat, envs, env, mine, batch=args.tasks_per_step, temperature=args.eval_temperature,
                             max_new_tokens=args.max_new_tokens, think=args.think, prompt=args.prompt,
-                            max_turns=args.max_turns, max_context=max_context, seed=args.seed + 1_000 * rank_seed, amp=amp)
+                            max_turns=args.max_turns, max_context=max_context, seed=args.seed + 1_000 * rank_seed, amp=amp,
+                            desc=f"eval at step {step}" if lead else None)
         episodes, kl_tokens = gather_episodes(dist, episodes, score_episodes(student, teacher, episodes, args.micro_batch, amp))
         klm = kl_metrics(kl_tokens, len(episodes), args.max_turns)
         if lead and args.transcript_episodes:
@@ -383,7 +384,8 @@ def run(args: Args, locks: list) -> dict:
         # B2F plays a task that has no successful demonstration from scratch, and counts it (no_demo).
         plans = [curriculum.plan(n, len(demos[t])) if demos.get(t) else Plan(0, args.max_turns) if args.curriculum == "b2f" else curriculum.plan(n, None) for t in tasks]
         no_demo = sum(args.curriculum == "b2f" and not demos[t] for t in tasks)
-        episodes = rollout(student, chat, envs, env, tasks, plans, [demos.get(t) for t in tasks], temperature=args.train_temperature, generator=gen, amp=amp, **kwargs)
+        episodes = rollout(student, chat, envs, env, tasks, plans, [demos.get(t) for t in tasks], temperature=args.train_temperature, generator=gen, amp=amp,
+                           desc=f"rollout {n}" if lead else None, **kwargs)
         t1 = time.time()
         step_update = update(student, teacher, episodes, optimizer, update_config(args), dist)
         t2 = time.time()

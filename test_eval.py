@@ -147,3 +147,16 @@ def test_repro_table_means_and_spreads(tmp_path):
     assert repro.deep_kl([0.1, None, None], 1) is None
     table = repro.markdown({"f2b": r}, 1)
     assert "| f2b | 2 | 0.20 ± 0.00 → 0.35 ± 0.07 |" in table
+
+
+def test_eval_shows_batches_turns_and_active_episodes(tok, chat, scripted, capsys):  # noqa: F811
+    """A long eval must not sit at 0/N: the bar names the batch and counts turns and the episodes still playing."""
+    scripted.script = staticmethod(lambda text: tok("<action>fly</action>", add_special_tokens=False)["input_ids"] + [chat.eos])
+    env = TinyWorld()
+    rollout.evaluate(None, chat, EnvPool("tinyworld", {}, 0), env, env.tasks("test")[:3], batch=2, temperature=0.4,
+                     max_new_tokens=8, think=False, prompt="compact", max_turns=4, max_context=4096, seed=0, desc="eval")
+    err = capsys.readouterr().err
+    assert "eval batch 1/2" in err and "eval batch 2/2" in err and "active=2/2" in err and "active=1/1" in err
+    rollout.evaluate(None, chat, EnvPool("tinyworld", {}, 0), env, env.tasks("test")[:1], batch=2, temperature=0.4,
+                     max_new_tokens=8, think=False, prompt="compact", max_turns=4, max_context=4096, seed=0)
+    assert capsys.readouterr().err == ""  # no desc: no bar
