@@ -31,6 +31,7 @@ from tqdm import tqdm
 import kl
 import memory
 import models
+import support
 import transcripts
 from curriculum import Curriculum, Plan, check_demos_cover, load_demos
 from dist import Dist, gather_episodes
@@ -351,8 +352,10 @@ def run(args: Args, locks: list) -> dict:
     kwargs = dict(max_new_tokens=args.max_new_tokens, max_turns=args.max_turns, max_context=max_context, think=args.think, prompt=args.prompt)
     rank_seed = dist.rank if dist else 0
 
-    def run_eval(step: int) -> dict:
-        """Full horizon from scratch; the teacher also scores the episodes: KL by turn where the curriculum never cut."""
+    def run_eval(step: int, train_episodes=()) -> dict:
+        """Full horizon from scratch; the teacher also scores the episodes: KL by turn where the curriculum never cut.
+        In an env with an expert (TinyWorld), also the teacher's support over the states the student visited, in the
+        eval episodes and in the step's training episodes (support.py)."""
         mine = dist.shard(eval_tasks) if dist else eval_tasks
         episodes = evaluate(student, chat, envs, env, mine, batch=args.tasks_per_step, temperature=args.eval_temperature,
                             max_new_tokens=args.max_new_tokens, think=args.think, prompt=args.prompt,
@@ -362,7 +365,13 @@ def run(args: Args, locks: list) -> dict:
         klm = kl_metrics(kl_tokens, len(episodes), args.max_turns)
         if lead and args.transcript_episodes:
             transcripts.write(os.path.join(args.out, "transcripts", f"eval-step-{step}.jsonl"), episodes, tok, kl_tokens, args.transcript_episodes)
-        return {**episode_metrics(episodes, "eval_"), **{f"eval_{k}": v for k, v in klm.items()}}
+        row = {**episode_metrics(episodes, "eval_"), **{f"eval_{k}": v for k, v in klm.items()}}
+        if lead and support.has_expert(env):
+            off = dict(teacher=teacher, chat=chat, env=env, max_turns=args.max_turns)
+            # seeded samples of 64 and 32 states: about 0.1 s each for the tiny teacher on one core
+            row |= support.off_path(episodes=episodes, prefix="eval_", max_states=64, **off)
+            row |= support.off_path(episodes=list(train_episodes), max_states=32, **off)
+        return row
 
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"{args.curriculum} {args.env}", disable=not lead)
     row = {}
@@ -416,7 +425,7 @@ def run(args: Args, locks: list) -> dict:
         }
         last = n + 1 == args.steps
         if last or (args.eval_every and (n + 1) % args.eval_every == 0):
-            row.update(run_eval(n + 1))
+            row.update(run_eval(n + 1, episodes))
         row["time_step"] = time.time() - t0
         if lead:
             append_metrics(metrics_path, row)  # before the checkpoint: a kill in between only repeats this step
