@@ -89,7 +89,8 @@ def plot_runs(runs: list[str], out: str) -> str:
     for ax, key, _, title in panels:
         ax.set(title=title, xlabel="step")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # (a run with --no-eval has no eval lines)
+            ax.legend(fontsize=7)
     axes[0, 1].set_ylim(-0.02, 1.02)
     fig.tight_layout()
     fig.savefig(out, dpi=110)

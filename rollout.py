@@ -8,6 +8,7 @@ once; `evaluate` is the paper's eval: the full horizon from scratch, in fixed ba
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -222,6 +223,7 @@ class Episode:
     replay_done: bool = False  # B2F: the replayed prefix already finished the task (no student turn)
     replay_refused: int = 0  # B2F: replayed demo actions the env refused (a demos file that does not fit the env)
     error: str | None = None  # the env failed (crashed worker, dead JVM): recorded as a failure
+    decode_seconds: float = 0.0  # wall time of the sampling passes while this episode was active (shared by its batch)
     actions: list[str] = field(default_factory=list)  # the actions the env took, replayed ones included
     replies: list[str] = field(default_factory=list)  # the text of each reply that gave one of those actions
 
@@ -284,8 +286,11 @@ def rollout(model, chat: Chat, envs, env, tasks, plans, demos, *, temperature, m
     bar = tqdm(total=max_turns, desc=desc, unit="turn", leave=False, disable=desc is None)
     while active:
         bar.set_postfix(active=f"{len(active)}/{len(tasks)}")
+        t0 = time.perf_counter()
         with autocast(amp and model_device(model), amp):  # one context per reply: each weight is cast to bf16 once per turn
             replies = decoder.reply([episodes[i].ids for i in active], chat.eos, temperature, max_new_tokens)
+        for i in active:
+            episodes[i].decode_seconds += time.perf_counter() - t0
         parsed, texts = [], []
         for i, reply in zip(active, replies):
             ep = episodes[i]

@@ -32,6 +32,7 @@ import kl
 import memory
 import models
 import support
+import track
 import transcripts
 from curriculum import Curriculum, Plan, check_demos_cover, load_demos
 from dist import Dist, gather_episodes
@@ -112,6 +113,8 @@ class Args:
     gradient_checkpointing: bool | None = None
     """recompute activations in the backward to save memory (default: on for real models, where the update's
     activations at full context dwarf everything else (see the memory plan); off for the tiny ones)"""
+    eval: bool = True
+    """evaluate on held-out tasks (--no-eval: never; the metrics then hold no eval_* rows)"""
     eval_every: int = 10
     """evaluate on held-out tasks every this many steps (0: only before and after training)"""
     eval_tasks: int = 50
@@ -147,6 +150,9 @@ class Args:
     """episodes per transcript file (0: no transcripts)"""
     demos: str | None = None
     """B2F: a demonstrations file from `eval.py --samples K` (the teacher's successes) instead of the env's own"""
+    track: tuple[Literal["wandb", "tensorboard"], ...] = ()
+    """mirror the metrics to Weights & Biases and/or TensorBoard (track.py; e.g. --track wandb tensorboard); resume
+    continues the same tracked run"""
     dry_run: bool = False
     """print the memory plan and exit before any model loads"""
 
@@ -214,7 +220,9 @@ def check_args(args: Args) -> None:
                  "max_turns", "max_dwell", "max_bad_steps"):
         need(getattr(args, flag) >= 1, flag, "an integer >= 1")
     need(args.eval_every >= 0, "eval_every", ">= 0 (0: evaluate only before and after training)")
-    need(args.eval_tasks >= 1, "eval_tasks", ">= 1 (the run evaluates before and after training)")
+    if args.eval:
+        need(args.eval_tasks >= 1, "eval_tasks", ">= 1 (the run evaluates before and after training; --no-eval: never)")
+    track.check(args.track)
     if args.env_workers is not None:
         need(args.env_workers >= 0, "env_workers", ">= 0 (0: step the envs in this process)")
     need(finite(args.env_timeout) and args.env_timeout > 0, "env_timeout", "a finite number of seconds > 0")
@@ -317,7 +325,7 @@ def run(args: Args, locks: list) -> dict:
     if lead:
         locks.append(acquire_lock(args.out))
         if mode == "restart":  # started, never checkpointed: nothing to resume from, so start again at step 0
-            moved = move_aside(args.out, ("metrics.jsonl", "args.json"))
+            moved = move_aside(args.out, ("metrics.jsonl", "args.json", *track.FILES))
             print(f"{args.out}: a run that started but saved no checkpoint; starting it again from step 0"
                   + (f" (its files moved to {', '.join(moved)})" if moved else ""), file=sys.stderr)
         if mode == "resume":
@@ -373,12 +381,19 @@ def run(args: Args, locks: list) -> dict:
             row |= support.off_path(episodes=list(train_episodes), max_states=32, **off)
         return row
 
+    tracker = track.Tracker(args.track, args.out, asdict(args), resume=mode == "resume", start=start) if lead and args.track else None
+
+    def record(row: dict) -> None:
+        append_metrics(metrics_path, row)
+        if tracker:
+            tracker.log(row)
+
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"{args.curriculum} {args.env}", disable=not lead)
     row = {}
-    if start == 0:
+    if start == 0 and args.eval:
         first = {"step": -1, **run_eval(0)}  # the student before training
         if lead:
-            append_metrics(metrics_path, first)
+            record(first)
     for n in bar:
         t0 = time.time()
         step_seed = args.seed * 100_003 + n  # all of step n's randomness: resume replays it exactly
@@ -419,16 +434,20 @@ def run(args: Args, locks: list) -> dict:
             "grad_norm": step_update["grad_norm"],
             "skipped": step_update["skipped"],
             "updates": step_update["updates"],
-            "tokens_per_s": sum(e.reply_tokens for e in episodes) / max(t1 - t0, 1e-9),
+            # decoding alone (the sampling passes), and the whole step (env resets, B2F replay, scoring, update)
+            "decode_tokens_per_s": sum(e.reply_tokens for e in episodes) / max(max(e.decode_seconds for e in episodes), 1e-9),
             "time_rollout": t1 - t0,
             "time_update": t2 - t1,
         }
         last = n + 1 == args.steps
-        if last or (args.eval_every and (n + 1) % args.eval_every == 0):
+        if args.eval and (last or (args.eval_every and (n + 1) % args.eval_every == 0)):
+            t_eval = time.time()
             row.update(run_eval(n + 1, episodes))
+            row["time_eval"] = time.time() - t_eval
         row["time_step"] = time.time() - t0
+        row["step_tokens_per_s"] = sum(e.reply_tokens for e in episodes) / max(row["time_step"] - row.get("time_eval", 0), 1e-9)
         if lead:
-            append_metrics(metrics_path, row)  # before the checkpoint: a kill in between only repeats this step
+            record(row)  # before the checkpoint: a kill in between only repeats this step
             if last or (n + 1) % args.save_every == 0:
                 save_checkpoint(args.out, student, tok, optimizer, curriculum, n + 1, bad_in_a_row)
         if bad_in_a_row >= args.max_bad_steps:
@@ -443,12 +462,16 @@ def run(args: Args, locks: list) -> dict:
         try:
             import plot
 
-            plot.plot_runs([args.out], os.path.join(args.out, "curves.png"))
+            curves = plot.plot_runs([args.out], os.path.join(args.out, "curves.png"))
+            if tracker:
+                tracker.figures([curves, os.path.splitext(curves)[0] + "-heatmap.png"])
         except ImportError as e:  # matplotlib is optional
             print(f"no plot: {e}")
         except Exception as e:  # a full disk or a plotting bug must not turn a finished run into a failure
             warnings.warn(f"the final plot failed ({type(e).__name__}: {e}); the run finished and is saved in {args.out}: "
                           f"plot it later with `python plot.py {args.out}`")
+        if tracker:
+            tracker.close()
         print(json.dumps({k: v for k, v in row.items() if not isinstance(v, list)}, indent=1))
     if dist:
         dist.td.destroy_process_group()

@@ -351,8 +351,10 @@ def test_main_runs_resumes_exactly_and_writes_everything(model_dirs, tmp_path):
     assert os.path.isfile(os.path.join(out_a, "curves.png")) and os.path.isdir(os.path.join(out_a, "ckpt"))
     rows = [json.loads(line) for line in open(os.path.join(out_a, "metrics.jsonl"))]
     assert [r["step"] for r in rows] == [-1, 0, 1, 2] and "eval_success" in rows[0] and "eval_success" in rows[-1]
-    for key in ("traj_kl", "token_kl", "kl_by_turn", "success", "k", "prefix", "loss", "grad_norm", "invalid", "truncated", "tokens_per_s"):
+    for key in ("traj_kl", "token_kl", "kl_by_turn", "success", "k", "prefix", "loss", "grad_norm", "invalid", "truncated", "decode_tokens_per_s",
+                "step_tokens_per_s"):
         assert key in rows[1], key
+    assert rows[1]["decode_tokens_per_s"] >= rows[1]["step_tokens_per_s"] > 0  # decoding is a part of the step
     assert [r["k"] for r in rows[1:]] == [1, 2, 2]
     # interrupted after 2 steps, then resumed: the third step equals the uninterrupted run's
     tcod.main(small_args(tmp_path / "b", student, teacher, steps=2))
