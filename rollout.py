@@ -8,6 +8,7 @@ once; `evaluate` is the paper's eval: the full horizon from scratch, in fixed ba
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 from dataclasses import dataclass, field
 
@@ -122,6 +123,9 @@ class Decoder:
         seed = int(torch.randint(0, 2**62, (), generator=generator))
         self.noise = torch.Generator(device=self.device).manual_seed(seed)
         self.cache = DynamicCache(config=model.config)
+        # transformers 5.20+ names the forward's cache argument `cache`, earlier releases `past_key_values` (vLLM's
+        # environment has 5.19: requirements-vllm.txt); an unknown keyword would be dropped silently, uncached
+        self.cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)
         self.pos = None  # [B] next position id of each row
         self.fed = []  # per row: tokens of its stream already in the cache
@@ -142,7 +146,8 @@ class Decoder:
         self.mask = torch.cat([self.mask, new_mask], 1)
         self.pos = self.pos + new_mask.sum(1)
         out = self.model(
-            input_ids=ids, attention_mask=self.mask, position_ids=position_ids, cache=self.cache, use_cache=True, logits_to_keep=1
+            input_ids=ids, attention_mask=self.mask, position_ids=position_ids, use_cache=True, logits_to_keep=1,
+            **{self.cache_kw: self.cache}
         )
         return out.logits[:, -1, : self.vocab_size].float()
 
@@ -243,10 +248,12 @@ class Episode:
 
 @torch.no_grad()
 def rollout(model, chat: Chat, envs, env, tasks, plans, demos, *, temperature, max_new_tokens, max_turns, max_context, think, prompt,
-            generator, amp=None, desc=None):
+            generator, amp=None, desc=None, engine=None):
     """Play one episode per task, all at once. plans[i] is a curriculum.Plan, demos[i] an action list or None.
     prompt: the prompt style (prompts.STYLES). amp: the autocast dtype of the model's forwards (`precision`), or None.
-    desc: show a progress bar with this label (turns played, episodes still active), e.g. for a long first eval."""
+    desc: show a progress bar with this label (turns played, episodes still active), e.g. for a long first eval.
+    engine: what samples the replies: None, our Decoder over `model`; or an engine with session(generator) -> an
+    object with the Decoder's reply(streams, eos, temperature, max_new_tokens) and keep(rows) (vllm_engine.py)."""
     episodes = [Episode(t, prefix=p.prefix) for t, p in zip(tasks, plans)]
     prompters = [Prompter(prompt, env, think) for _ in tasks]
 
@@ -281,7 +288,7 @@ def rollout(model, chat: Chat, envs, env, tasks, plans, demos, *, temperature, m
             else:
                 extend(ep, chat.assistant(format_reply(action)) + chat.user(prompters[i].after(action, s)))
 
-    decoder = Decoder(model, len(chat.tok), generator)
+    decoder = engine.session(generator) if engine is not None else Decoder(model, len(chat.tok), generator)
     active = [i for i, ep in enumerate(episodes) if not ep.done]
     bar = tqdm(total=max_turns, desc=desc, unit="turn", leave=False, disable=desc is None)
     while active:
@@ -338,8 +345,8 @@ def trained_turns(episode: Episode) -> list[int]:
 
 
 def evaluate(model, chat, envs, env, tasks, *, batch: int, temperature: float, max_new_tokens: int, think: bool,
-             prompt: str, max_turns: int, max_context: int, seed: int, amp=None, desc=None) -> list[Episode]:
-    """Full horizon from scratch (the paper's eval), in fixed batches with fixed seeds (amp, desc: as in rollout)."""
+             prompt: str, max_turns: int, max_context: int, seed: int, amp=None, desc=None, engine=None) -> list[Episode]:
+    """Full horizon from scratch (the paper's eval), in fixed batches with fixed seeds (amp, desc, engine: as in rollout)."""
     episodes = []
     for b in range(0, len(tasks), batch):
         part = tasks[b : b + batch]
@@ -348,6 +355,6 @@ def evaluate(model, chat, envs, env, tasks, *, batch: int, temperature: float, m
         episodes += rollout(
             model, chat, envs, env, part, [Plan(0, max_turns)] * len(part), [None] * len(part),
             temperature=temperature, max_new_tokens=max_new_tokens, max_turns=max_turns,
-            max_context=max_context, think=think, prompt=prompt, generator=gen, amp=amp, desc=label,
+            max_context=max_context, think=think, prompt=prompt, generator=gen, amp=amp, desc=label, engine=engine,
         )
     return episodes

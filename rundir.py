@@ -107,7 +107,7 @@ RUN_KEYS = ("env", "student", "teacher", "curriculum", "seed")  # an args.json h
 # are evaluated and saved. Every other difference would make a different experiment and is refused.
 RESUME_FREE = ("steps", "device", "teacher_device", "env_workers", "env_timeout", "micro_batch", "gradient_checkpointing",
                "eval_every", "save_every", "max_bad_steps", "out", "transcript_every", "transcript_episodes", "dry_run",
-               "track", "eval")
+               "track", "eval", "vllm_memory")
 
 
 def read_run_args(out: str) -> dict | None:

