@@ -192,3 +192,30 @@ def test_update_and_gather_keep_the_telemetry(models):
 
     all_eps, recs = dist.gather_episodes(TwoRanks(), eps, out["kl_tokens"])
     assert len(all_eps) == 2 * len(eps) and recs[len(out["kl_tokens"]):] == [(i + len(eps), *r) for i, *r in out["kl_tokens"]]
+
+
+def test_plot_writes_telemetry_heat_maps_when_logged(tmp_path):
+    import json
+    import os
+
+    import plot
+
+    runs = []
+    for name, telemetry in (("tel-s0", True), ("old-s0", False)):
+        run = tmp_path / name
+        os.makedirs(run)
+        rows = []
+        for n in range(4):
+            r = {"step": n, "traj_kl": 1.0, "success": 0.0, "k": 1, "kl_by_turn": [0.1 * n, 0.2], "kl_sum_by_turn": [1.0, 2.0]}
+            if telemetry:
+                r.update(teacher_p_by_turn=[0.5, None], entropy_by_turn=[2.0, 1.0 + n], top1_by_turn=[0.25 * n, 0.5],
+                         eval_teacher_p_by_turn=[0.4, 0.3], eval_entropy_by_turn=[1.0, 1.5], eval_top1_by_turn=[0.1, None])
+            rows.append(r)
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        runs.append(str(run))
+    steps, grid = plot.kl_grid([plot.load(runs[0])], "entropy_by_turn")
+    assert steps == [0, 1, 2, 3] and [g[1] for g in grid] == [1.0, 2.0, 3.0, 4.0]
+    plot.plot_runs(runs, str(tmp_path / "a.png"))
+    assert os.path.getsize(tmp_path / "a-telemetry.png") > 10_000 and os.path.getsize(tmp_path / "a-heatmap.png") > 10_000
+    plot.plot_runs(runs[1:], str(tmp_path / "b.png"))  # runs from before the telemetry: no telemetry figure
+    assert os.path.exists(tmp_path / "b-heatmap.png") and not os.path.exists(tmp_path / "b-telemetry.png")
