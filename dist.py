@@ -69,6 +69,6 @@ def gather_episodes(dist: Dist | None, episodes: list, kl_tokens: list) -> tuple
         return episodes, kl_tokens
     all_episodes, all_tokens = [], []
     for eps, toks in dist.gather((episodes, kl_tokens)):
-        all_tokens += [(i + len(all_episodes), t, v) for i, t, v in toks]
+        all_tokens += [(i + len(all_episodes), *rest) for i, *rest in toks]
         all_episodes += eps
     return all_episodes, all_tokens

@@ -5,6 +5,10 @@ around this, kl.py holds the estimators). Also the KL and episode metrics every 
 Every episode is one token stream (rollout.Episode.ids) whose student tokens carry their turn index
 (rollout.trained_turns; -1 elsewhere: prompts, observations, replayed B2F turns). Both models see the same padded
 ids, so "the teacher scores the student's exact tokens" holds by construction.
+
+Telemetry: inside the same chunked passes (one chunk's [B, c, V] logits at a time, nothing full-vocabulary kept),
+the scoring also yields, per student token, the teacher's probability of it, whether it is the teacher's argmax, and
+the student's full-vocabulary entropy at that position; kl_metrics turns them into per-turn and overall means.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class UpdateConfig:
     micro_batch: int = 4
     turns_per_update: int = 0  # 0: one optimizer step per rollout
     dtype: str = "float32"  # rollout.precision's mode: "auto", "float32" or "bf16-mixed"
+    telemetry: bool = True  # teacher_p / entropy / top1 per token (off only to measure its cost: bench.py)
 
 
 def softcap(model):
@@ -44,13 +49,47 @@ def microbatches(episodes: list[Episode], size: int):
     return [order[i : i + size] for i in range(0, len(order), size)]
 
 
-def teacher_logprobs(teacher, ids: torch.Tensor, targets: torch.Tensor):
-    """The teacher's hidden states (on its own device, see --teacher-device) and log p_teacher(target) on ids' device."""
+def _teacher_chunk(start, stop, hidden, head, targets, softcap):
+    logits = kl.head_logits(head, hidden[:, start:stop], softcap)  # [B, c, V]
+    picked = logits.gather(-1, targets[:, start:stop, None]).squeeze(-1)
+    top1 = (picked == logits.amax(-1)).float()  # the sampled token is (one of) the teacher's argmax; ties count
+    return torch.stack([picked - logits.logsumexp(-1), top1], -1)  # [B, c, 2]
+
+
+def teacher_logprobs(teacher, ids: torch.Tensor, targets: torch.Tensor, top1: bool = False):
+    """The teacher's hidden states (on its own device, see --teacher-device) and log p_teacher(target) on ids' device;
+    with top1, also whether each target is the teacher's argmax (float 0/1), from the same chunks' logits."""
     with torch.no_grad():
         dev = model_device(teacher)
         hidden = hidden_states(teacher, ids.to(dev))
-        logp = kl.token_logprobs(hidden, teacher.get_output_embeddings(), targets.to(dev), softcap=softcap(teacher))
-    return hidden, logp.to(ids.device)
+        head, targets = teacher.get_output_embeddings(), targets.to(dev)
+        if not top1:
+            return hidden, kl.token_logprobs(hidden, head, targets, softcap=softcap(teacher)).to(ids.device)
+        out = kl._chunked(_teacher_chunk, hidden.shape[1], kl.chunk_size(hidden, head), hidden, head, targets, softcap(teacher))
+    return hidden, out[..., 0].to(ids.device), out[..., 1].to(ids.device)
+
+
+def student_logprobs(hidden, head, targets, softcap=None, entropy: bool = False):
+    """log p_student(target) [B, T] (differentiable, as kl.token_logprobs) and, with entropy, the student's entropy
+    H(p_s) = -sum_v p_s(v) log p_s(v) at every position [B, T] (no grad), from the same chunks' logits: the raw
+    head at temperature 1 (softcapped if the model softcaps), the distribution the loss scores, whatever the
+    sampling temperature was."""
+    if not entropy:
+        return kl.token_logprobs(hidden, head, targets, softcap=softcap), None
+    ent = {}  # chunk start -> [B, c]
+
+    def chunk(start, stop, hidden, head, targets, softcap):
+        logits = kl.head_logits(head, hidden[:, start:stop], softcap)
+        lse = logits.logsumexp(-1)
+        if start not in ent:  # not again when the activation checkpoint recomputes the chunk in the backward
+            with torch.no_grad():
+                z = logits.detach()
+                p = (z - lse.detach()[..., None]).exp_()  # one [B, c, V] temporary
+                ent[start] = lse.detach() - torch.einsum("bcv,bcv->bc", p, z)  # H = lse - E_p[z]
+        return logits.gather(-1, targets[:, start:stop, None]).squeeze(-1) - lse
+
+    logp = kl._chunked(chunk, hidden.shape[1], kl.chunk_size(hidden, head), hidden, head, targets, softcap)
+    return logp, torch.cat([ent[k] for k in sorted(ent)], 1)
 
 
 def batch_tensors(episodes: list[Episode], mb: list[int], turns: list[torch.Tensor], device):
@@ -58,16 +97,19 @@ def batch_tensors(episodes: list[Episode], mb: list[int], turns: list[torch.Tens
     return ids, kl.causal_targets(ids), pad([turns[i].tolist() for i in mb], -1, device)
 
 
-def per_token(kl_tokens: list, mb: list[int], turn_ids: torch.Tensor, d: torch.Tensor) -> None:
-    """Append (episode index, turn, d) for each student token of a micro-batch."""
+def per_token(kl_tokens: list, mb: list[int], turn_ids: torch.Tensor, d: torch.Tensor, logp_t=None, entropy=None, top1=None) -> None:
+    """Append one record per student token of a micro-batch: (episode index, turn, d) and, with telemetry,
+    (episode index, turn, d, p_teacher(token), student entropy at its position, 1.0 if it is the teacher's argmax)."""
     mask = turn_ids >= 0
+    extra = [] if logp_t is None else [logp_t.exp(), entropy, top1]
     for r, i in enumerate(mb):
-        kl_tokens += [(i, t, v) for t, v in zip(turn_ids[r][mask[r]].tolist(), d[r][mask[r]].tolist())]
+        cols = [turn_ids[r][mask[r]].tolist()] + [x[r][mask[r]].float().tolist() for x in [d] + extra]
+        kl_tokens += [(i, *row) for row in zip(*cols)]
 
 
 @torch.no_grad()
-def score_episodes(student, teacher, episodes: list[Episode], micro_batch: int, amp=None) -> list:
-    """Per-token d = log p_s - log p_t at every student token, no update: the KL diagnostics of eval episodes.
+def score_episodes(student, teacher, episodes: list[Episode], micro_batch: int, amp=None, telemetry: bool = True) -> list:
+    """Per-token records (per_token) at every student token, no update: the KL diagnostics of eval episodes.
     amp: the student's autocast dtype (`precision`), as in the update, so that d means the same thing."""
     device = model_device(student)
     turns = [torch.tensor(trained_turns(ep), dtype=torch.long) for ep in episodes]
@@ -75,9 +117,9 @@ def score_episodes(student, teacher, episodes: list[Episode], micro_batch: int, 
     for mb in microbatches(episodes, micro_batch):
         ids, targets, turn_ids = batch_tensors(episodes, mb, turns, device)
         with autocast(device, amp):
-            logp_s = kl.token_logprobs(hidden_states(student, ids), student.get_output_embeddings(), targets, softcap=softcap(student))
-            logp_t = teacher_logprobs(teacher, ids, targets)[1]
-        per_token(kl_tokens, mb, turn_ids, kl.sampled_kl(logp_s, logp_t))
+            logp_s, ent = student_logprobs(hidden_states(student, ids), student.get_output_embeddings(), targets, softcap(student), telemetry)
+            logp_t, *top1 = teacher_logprobs(teacher, ids, targets, top1=telemetry)[1:]
+        per_token(kl_tokens, mb, turn_ids, kl.sampled_kl(logp_s, logp_t), *((logp_t, ent, top1[0]) if telemetry else ()))
     return kl_tokens
 
 
@@ -118,7 +160,7 @@ def update(student, teacher, episodes, optimizer, cfg: UpdateConfig, dist: Dist 
     for group in split_by_turns([t for t, _ in flat], [n for _, n in flat], cfg.turns_per_update):
         local = [owner[g][1] for g in group if owner[g][0] == rank]
         out = score_and_update(student, teacher, [episodes[i] for i in local], optimizer, cfg, dist)
-        kl_tokens += [(local[j], t, v) for j, t, v in out["kl_tokens"]]
+        kl_tokens += [(local[j], *rest) for j, *rest in out["kl_tokens"]]
         results.append(out)
     taken = [r for r in results if not r["skipped"]]
     return {
@@ -143,17 +185,17 @@ def score_and_update(student, teacher, episodes, optimizer, cfg: UpdateConfig, d
     weights = kl.loss_weights(turns, cfg.aggregation, total=dist.global_units(turns, cfg.aggregation) if dist else None)
     student.train()
     optimizer.zero_grad(set_to_none=True)
-    loss_total, kl_tokens = 0.0, []  # kl_tokens: (episode index, turn, d) per student token
+    loss_total, kl_tokens = 0.0, []  # kl_tokens: per_token's records, one per student token
     for mb in microbatches(episodes, cfg.micro_batch):
         ids, targets, turn_ids = batch_tensors(episodes, mb, turns, device)
         w = torch.zeros(ids.shape, dtype=torch.float32, device=device)
         for r, i in enumerate(mb):
             w[r, : len(weights[i])] = weights[i].to(device)
         with autocast(device, amp):
-            t_hidden, logp_t = teacher_logprobs(teacher, ids, targets)
+            t_hidden, logp_t, *top1 = teacher_logprobs(teacher, ids, targets, top1=cfg.telemetry)
             s_hidden = hidden_states(student, ids)
             # d's log p_s comes from this very forward, the one differentiated: old and new log-probs agree exactly
-            logp_s = kl.token_logprobs(s_hidden, student.get_output_embeddings(), targets, softcap=softcap(student))
+            logp_s, ent = student_logprobs(s_hidden, student.get_output_embeddings(), targets, softcap(student), cfg.telemetry)
             d = kl.sampled_kl(logp_s.detach(), logp_t)  # per token, the k1 estimate of KL(student || teacher)
             if cfg.estimator == "k1":
                 # Policy gradient with advantage A = -kl_coef * d. The ratio exp(logp - logp.detach()) is 1 on-policy,
@@ -167,7 +209,7 @@ def score_and_update(student, teacher, episodes, optimizer, cfg: UpdateConfig, d
             loss = (w * loss_per_token).sum()
         loss.backward()
         loss_total += loss.item()
-        per_token(kl_tokens, mb, turn_ids, d)
+        per_token(kl_tokens, mb, turn_ids, d, *((logp_t, ent, top1[0]) if cfg.telemetry else ()))
     if dist:
         dist.sum_gradients(student)
         loss_total = dist.sum(loss_total)
@@ -184,23 +226,39 @@ def score_and_update(student, teacher, episodes, optimizer, cfg: UpdateConfig, d
 
 
 def kl_metrics(kl_tokens, n_episodes: int, max_turns: int) -> dict:
-    """traj_kl: mean over episodes of the summed per-token KL (the paper's Fig. 2). Per turn index, two views:
-    kl_by_turn, the per-token mean (comparable across turns of different lengths), and kl_sum_by_turn, the KL summed
-    over a turn's tokens, averaged over the episodes with student tokens at that turn (the paper's Fig. 2d and the
-    authors' logs)."""
+    """Metrics of per_token's records. Turn t's tokens are the student tokens of the replies at env turn index t;
+    a "per-token mean" pools them over all episodes.
+
+    traj_kl: mean over episodes of the summed per-token KL (the paper's Fig. 2); token_kl: the per-token mean.
+    kl_by_turn: per turn, the per-token mean of d (comparable across turns of different lengths); kl_sum_by_turn:
+    per turn, d summed over each episode's turn-t tokens, averaged over the episodes with student tokens at turn t
+    (the paper's Fig. 2d and the authors' logs). Telemetry (None without it), per turn and over all tokens:
+    teacher_p(_by_turn), the per-token mean of p_teacher(sampled token); entropy(_by_turn), of the student's
+    full-vocabulary entropy at temperature 1 (nats); top1(_by_turn), the share of tokens that are the teacher's
+    argmax. Lists have max_turns entries, None where no student token."""
     by_turn = [[] for _ in range(max_turns)]
     sums = [{} for _ in range(max_turns)]  # turn -> episode -> summed KL
+    extra = [[[] for _ in range(max_turns)] for _ in range(3)]  # teacher_p, entropy, top1, per turn
     per_episode = [0.0] * n_episodes
-    for i, t, v in kl_tokens:
+    telemetry = bool(kl_tokens) and all(len(r) == 6 for r in kl_tokens)
+    for i, t, v, *rest in kl_tokens:
         by_turn[t].append(v)
         sums[t][i] = sums[t].get(i, 0.0) + v
         per_episode[i] += v
-    return {
+        if telemetry:
+            for k in range(3):
+                extra[k][t].append(rest[k])
+    mean = lambda v: sum(v) / len(v) if v else None
+    out = {
         "traj_kl": sum(per_episode) / max(n_episodes, 1),
-        "token_kl": sum(v for _, _, v in kl_tokens) / max(len(kl_tokens), 1),
-        "kl_by_turn": [sum(v) / len(v) if v else None for v in by_turn],
+        "token_kl": sum(v for _, _, v, *_ in kl_tokens) / max(len(kl_tokens), 1),
+        "kl_by_turn": [mean(v) for v in by_turn],
         "kl_sum_by_turn": [sum(s.values()) / len(s) if s else None for s in sums],
     }
+    for k, name in enumerate(("teacher_p", "entropy", "top1")):
+        out[name] = mean([x for turn in extra[k] for x in turn]) if telemetry else None
+        out[f"{name}_by_turn"] = [mean(v) for v in extra[k]] if telemetry else [None] * max_turns
+    return out
 
 
 def reply_lengths(episode: Episode) -> int:

@@ -5,7 +5,9 @@
 Runs whose names differ only in a trailing -s<seed> are one group: a line for the mean over seeds and a band from
 the lowest to the highest seed. Next to curves.png goes curves-heatmap.png: per group, the per-token KL by turn
 index (y) over training (x), on the training episodes and on the full-horizon eval episodes (the paper's Fig. 2d
-diagnostic, followed over time). matplotlib is optional: training runs without it and only the plot is skipped.
+diagnostic, followed over time), and curves-telemetry.png: the same kind of heat map for the per-turn KL sum, the
+teacher's probability of the sampled token, the student's entropy and the teacher-argmax share (opd.kl_metrics), on
+training and eval episodes, when the runs logged them. matplotlib is optional: training runs without it and only the plot is skipped.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def eval_x(row: dict) -> int:
 
 
 def kl_grid(rows_per_run: list[list[dict]], key: str) -> tuple[list[int], list[list[float]]]:
-    """Steps and per-turn KL (mean over the runs that have it, NaN where none does), for a heat map."""
+    """Steps and a per-turn list metric (mean over the runs that have it, NaN where none does), for a heat map."""
     by_step = defaultdict(list)
     for rows in rows_per_run:
         for r in rows:
@@ -95,25 +97,40 @@ def plot_runs(runs: list[str], out: str) -> str:
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
-    heatmaps(groups, os.path.splitext(out)[0] + "-heatmap.png")
+    base = os.path.splitext(out)[0]
+    heatmaps(groups, base + "-heatmap.png", [("kl_by_turn", "per-token KL", None)])
+    if any(r.get("teacher_p_by_turn") is not None for rows in groups.values() for run in rows for r in run):
+        heatmaps(groups, base + "-telemetry.png", TELEMETRY)
     return out
 
 
-def heatmaps(groups: dict[str, list[list[dict]]], out: str) -> str:
+# per-turn metrics of the telemetry figure: key, colour-bar label, colour range (None: the data's)
+TELEMETRY = [
+    ("kl_sum_by_turn", "KL summed over the turn's reply", None),
+    ("teacher_p_by_turn", "teacher p(sampled token)", (0, 1)),
+    ("entropy_by_turn", "student entropy (nats, T=1)", None),
+    ("top1_by_turn", "share = teacher argmax", (0, 1)),
+]
+
+
+def heatmaps(groups: dict[str, list[list[dict]]], out: str, metrics: list[tuple]) -> str:
+    """Per metric a row; per group two columns, or two rows for a single metric: training and eval episodes."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, len(groups), figsize=(4 * len(groups) + 1, 6.5), squeeze=False)
-    for col, (label, rows_per_run) in enumerate(groups.items()):
-        for row, key, what in ((0, "kl_by_turn", "training episodes"), (1, "eval_kl_by_turn", "eval episodes")):
-            ax = axes[row, col]
-            steps, grid = kl_grid(rows_per_run, key)
+    panels = [(m, split) for m in metrics for split in ("", "eval_")]
+    n_rows, n_cols = (2, len(groups)) if len(metrics) == 1 else (len(metrics), 2 * len(groups))
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(4 * n_cols + 1, 3.25 * n_rows), squeeze=False)
+    for g, (label, rows_per_run) in enumerate(groups.items()):
+        for p, ((key, what, vrange), split) in enumerate(panels):
+            ax = axes[p, g] if len(metrics) == 1 else axes[p // 2, 2 * g + p % 2]
+            steps, grid = kl_grid(rows_per_run, split + key)
             if grid:
                 turns = max(map(len, grid))
-                cells = [[g[t] if t < len(g) else math.nan for g in grid] for t in range(turns)]
+                cells = [[c[t] if t < len(c) else math.nan for c in grid] for t in range(turns)]
                 im = ax.imshow(cells, aspect="auto", origin="lower", cmap="magma", interpolation="nearest",
-                               extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, turns - 0.5))
-                fig.colorbar(im, ax=ax, label="per-token KL")
-            ax.set(title=f"{label}: {what}", xlabel="step", ylabel="turn")
+                               extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, turns - 0.5), **dict(zip(("vmin", "vmax"), vrange or ())))
+                fig.colorbar(im, ax=ax, label=what)
+            ax.set(title=f"{label}: {'eval' if split else 'training'} episodes", xlabel="step", ylabel="turn")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

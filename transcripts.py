@@ -55,7 +55,7 @@ def transcript(episode, tok, kl_by_turn: dict[int, float]) -> dict:
 def write(path: str, episodes: list, tok, kl_tokens: list, n: int) -> None:
     """The first n episodes' transcripts to path (kl_tokens: (episode index, turn, d) as tcod.py collects them)."""
     sums = [{} for _ in episodes]
-    for i, t, v in kl_tokens:
+    for i, t, v, *_ in kl_tokens:  # records may carry telemetry after d (opd.per_token)
         if i < n:
             sums[i][t] = sums[i].get(t, 0.0) + v
     os.makedirs(os.path.dirname(path), exist_ok=True)
