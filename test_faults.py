@@ -214,6 +214,8 @@ def cli(args: tcod.Args) -> list[str]:
             continue
         if f.type == "bool":
             out.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, tuple):  # e.g. --track wandb tensorboard; an empty tuple is the default
+            out += [flag, *map(str, value)] if value else []
         else:
             out += [flag, str(value)]
     return out
