@@ -161,6 +161,32 @@ class TinyWorld:
         pass
 
 
+class TinyWorldRecall(TinyWorld):
+    """TinyWorld where early errors compound (the CPU reproduction's test of the paper's mechanism, README).
+
+    The first message lists where every object lies; later observations name the next move's object and destination
+    but no longer where the object is. The source must be read from the first message, which stays true only while
+    the plan is kept: an object taken by mistake, carried off and put down elsewhere makes the first message stale for
+    it, and every later turn that needs that object must be answered from the chat's own history instead, states a
+    teacher trained on expert paths has never seen. Same layouts, actions, expert and horizon as TinyWorld."""
+
+    name = "tinyworld-recall"
+
+    def reset(self, task: str) -> Step:
+        step = super().reset(task)
+        layout = "objects: " + ", ".join(f"{o} at {p}" for o, p in self.where.items()) + "."
+        step.observation = f"task: {step.task}\n{layout}\n{step.observation.split(chr(10), 1)[1]}"
+        return step
+
+    def _observe(self, before: str = "") -> Step:
+        step = super()._observe(before)
+        o, p = self._next_goal()
+        dest = "here" if p == self.here else p
+        cut = lambda text: text[: text.index(" next: ")] + f" next: {o} to {dest}."  # the source is gone
+        step.observation, step.scene = cut(step.observation), cut(step.scene)
+        return step
+
+
 # --------------------------------------------------------------------------------------------------
 # ALFWorld: household text games generated from ALFRED scenes (Shridhar et al., ICLR 2021), played through textworld's
 # PDDL engine. The release's game files ship with the project (data/alfworld, see its README) and are unpacked on first
@@ -603,7 +629,7 @@ class EnvPool:
 
 
 # name -> "module:Class", imported on first use so that each benchmark's packages load only when it runs
-ENVS = {"tinyworld": "envs:TinyWorld", "alfworld": "envs:AlfWorld", "scienceworld": "envs:ScienceWorld", "webshop": "webshop:WebShop"}
+ENVS = {"tinyworld": "envs:TinyWorld", "tinyworld-recall": "envs:TinyWorldRecall", "alfworld": "envs:AlfWorld", "scienceworld": "envs:ScienceWorld", "webshop": "webshop:WebShop"}
 
 
 def env_class(name: str):

@@ -14,6 +14,10 @@ Everything is the worst case: every episode as long as the context allows. Activ
 cache are exact sizes. The PyTorch allocator reuses the rollout's freed blocks for the update, so the two phases
 share memory, but fragmentation can cost a few more percent: keep some headroom.
 
+LoRA (--lora-rank R, lora.py): the base is frozen in the forwards' dtype (bf16 on GPU) and only the adapters train,
+so the float32 weights, AdamW state, gradients and autocast copies are the adapter's (`lora_param_count`), and the
+update's activations gain each adapted layer's input (kept for A's gradient) and its rank-R projection.
+
 Disk: a checkpoint (tcod.save_checkpoint) is the student weights as saved (float32, 4 B/param), the AdamW state
 (8 B/param) and the tokenizer. It is written next to the previous one and then renamed over it, so for a moment the
 output directory holds two: the run needs twice a checkpoint, and `check_disk` refuses a save that cannot fit.
@@ -91,6 +95,41 @@ def param_count(config) -> int:
         else:
             total += dense_mlp(cfg.intermediate_size)
     return total
+
+
+def lora_shapes(config) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each linear projection of a dense decoder layer, by module name."""
+    cfg = as_config(config)
+    h, q, kv = cfg.hidden_size, cfg.num_attention_heads * head_dim(cfg), kv_heads(cfg) * head_dim(cfg)
+    inter = cfg.intermediate_size
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+
+
+def lora_param_count(config, rank: int, targets) -> int:
+    """LoRA adapter parameters: rank x (in + out) per adapted projection per layer (A is rank x in, B out x rank).
+    MoE layers: their attention projections only (the experts are not adapted here)."""
+    if not rank:
+        return 0
+    cfg, shapes = as_config(config), lora_shapes(config)
+    attn = {"q_proj", "k_proj", "v_proj", "o_proj"}
+    total = 0
+    for i in range(cfg.num_hidden_layers):
+        names = [t for t in targets if t in shapes and (t in attn or not is_moe_layer(cfg, i))]
+        total += sum(rank * sum(shapes[t]) for t in names)
+    return total
+
+
+def trainable_count(config, lora_rank: int = 0, lora_targets=()) -> int:
+    """What the optimizer updates: the adapter with LoRA, else every parameter."""
+    return lora_param_count(config, lora_rank, lora_targets) if lora_rank else param_count(config)
+
+
+def lora_activation_bytes(config, tokens: int, rank: int, targets, compute_bytes: int) -> int:
+    """What the adapters add to one layer's saved activations, per micro-batch: each adapted projection keeps its
+    input (in the compute dtype) for A's gradient and A's rank-R output for B's."""
+    shapes = lora_shapes(config)
+    return tokens * sum((shapes[t][0] + rank) * compute_bytes for t in targets if t in shapes)
 
 
 def max_positions(config) -> int:
@@ -174,8 +213,10 @@ class Setting:
     gradient_checkpointing: bool
     compute_bytes: int  # the forwards' dtype: 2 (bf16 autocast on GPU) or 4 (float32)
     teacher_bytes: int  # the teacher's weights' dtype
-    student_bytes: int = 4  # float32 master weights
+    student_bytes: int = 4  # float32 master weights (with LoRA: the frozen base's dtype)
     logits_per_chunk: int = 1 << 24  # kl.LOGITS_PER_CHUNK
+    lora_rank: int = 0  # 0: full fine-tuning
+    lora_targets: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -194,6 +235,8 @@ def plan(student_config, teacher_config, s: Setting) -> list[Item]:
     tokens = s.micro_batch * s.max_context
     dt = {2: "bf16", 4: "fp32"}
     sd, td = s.student_device, s.teacher_device
+    if s.lora_rank:
+        return lora_plan(student, teacher, s)
     items = [
         Item(sd, "always", f"student weights ({dt[s.student_bytes]}, {size(n_s)})", n_s * s.student_bytes),
         Item(sd, "always", "AdamW state (2 x fp32)", n_s * 8),
@@ -211,6 +254,31 @@ def plan(student_config, teacher_config, s: Setting) -> list[Item]:
     if s.compute_bytes < s.student_bytes:  # autocast keeps a bf16 copy of each weight it casts within the forward
         for phase in ("rollout", "update"):
             items.append(Item(sd, phase, "bf16 weight copies (autocast)", n_s * s.compute_bytes))
+    return items
+
+
+def lora_plan(student, teacher, s: Setting) -> list[Item]:
+    """The plan of a LoRA student: a frozen base (no gradients, no optimizer state, no autocast copies when it is
+    already in the compute dtype) and float32 adapters that hold all of the trainable state."""
+    n_s, n_t, n_a = param_count(student), param_count(teacher), lora_param_count(student, s.lora_rank, s.lora_targets)
+    full = plan(student, teacher, replace(s, lora_rank=0))  # the shared rows: teacher, KV cache, logits, teacher forward
+    tokens, dt, sd = s.micro_batch * s.max_context, {2: "bf16", 4: "fp32"}, s.student_device
+    acts = activation_bytes(student, tokens, s.gradient_checkpointing, s.compute_bytes, s.student_bytes)
+    layers = 1 if s.gradient_checkpointing else as_config(student).num_hidden_layers
+    acts += layers * lora_activation_bytes(student, tokens, s.lora_rank, s.lora_targets, s.compute_bytes)
+    items = [
+        Item(sd, "always", f"student base weights (frozen, {dt[s.student_bytes]}, {n_s / 1e9:.2f} B params)", n_s * s.student_bytes),
+        Item(sd, "always", f"LoRA adapters (fp32, rank {s.lora_rank}, {n_a / 1e6:.2f} M params)", n_a * 4),
+        Item(sd, "always", "AdamW state of the adapters (2 x fp32)", n_a * 8),
+        Item(sd, "update", "adapter gradients (fp32)", n_a * 4),
+        Item(sd, "update", f"activations ({s.micro_batch} x {s.max_context} tokens, "
+             f"{'gradient checkpointing' if s.gradient_checkpointing else 'every layer saved'}, adapters' inputs included)", acts),
+    ]
+    keep = ("teacher weights", "KV cache", "chunked logits", "teacher forward")
+    items += [i for i in full if i.what.startswith(keep)]
+    if s.compute_bytes < 4:  # autocast's bf16 copies: of the adapters, and of the base if it is not already bf16
+        copies = n_a * s.compute_bytes + (n_s * s.compute_bytes if s.compute_bytes < s.student_bytes else 0)
+        items += [Item(sd, phase, "bf16 weight copies (autocast)", copies) for phase in ("rollout", "update")]
     return items
 
 
@@ -321,7 +389,8 @@ def saved_bytes(model, optimizer) -> int:
     """What save_checkpoint is about to write, from the live tensors (tied weights once, every optimizer tensor)."""
     import torch
 
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    lora = getattr(model, "lora_config", None) is not None  # a LoRA student saves its adapter only (lora.save_model)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad or not lora)
     state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
     return weights + state + TOKENIZER_BYTES
 

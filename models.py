@@ -24,6 +24,8 @@ import shutil
 
 import torch
 
+import lora
+
 # Short names -> Hugging Face ids: the paper's pairs (Qwen2.5-3B/7B <- Qwen2.5-7B, Qwen3-1.7B/4B <- Qwen3-30B-A3B)
 # and their neighbours. The paper's Qwen3 teacher is the non-thinking Instruct-2507 release of the 30B MoE.
 MODELS = {
@@ -31,7 +33,16 @@ MODELS = {
     **{f"Qwen3-{s}": f"Qwen/Qwen3-{s}" for s in ("0.6B", "1.7B", "4B", "8B", "14B", "32B")},
     "Qwen3-30B-A3B": "Qwen/Qwen3-30B-A3B-Instruct-2507",
 }
-TINY = ("tiny-teacher", "tiny-student")
+# The tiny models (sft.py builds them; data/ ships them): the pair of the CPU demo, and for the reproduction's grid a
+# teacher without recovery skill (-norec: trained on expert states only) and the pair of the compounding world (-recall,
+# envs.TinyWorldRecall). A -recall model only knows tinyworld-recall, the others tinyworld.
+TINY = ("tiny-teacher", "tiny-student", "tiny-teacher-norec", "tiny-teacher-recall", "tiny-student-recall",
+        "tiny-teacher-recall-norec")
+
+
+def tiny_env(name: str) -> str:
+    """The env a tiny model was trained in."""
+    return "tinyworld-recall" if "-recall" in name else "tinyworld"
 
 # The paper's teacher per family (and the tiny pair's).
 DEFAULT_TEACHERS = {"qwen2.5": "Qwen2.5-7B", "qwen3": "Qwen3-30B-A3B", "tiny": "tiny-teacher"}
@@ -249,6 +260,8 @@ def model_config(name: str):
     """A model's config without its weights: random: names from REAL_CONFIGS (nothing is built), others config.json."""
     from transformers import AutoConfig
 
+    if os.path.isdir(name) and lora.is_lora_checkpoint(name):
+        return model_config(lora.base_of(name))
     return random_config(name) if name.startswith("random:") else AutoConfig.from_pretrained(resolve_model(name))
 
 
@@ -297,6 +310,8 @@ def resolve_model(name: str) -> str:
     if os.path.isfile(name):
         raise ModelError(f"model {name!r} is a file, not a model directory (pass the directory that holds config.json)")
     if os.path.isdir(name):
+        if lora.is_lora_checkpoint(name):  # a LoRA run's checkpoint: load_model puts it on its base
+            return name
         if not os.path.isfile(os.path.join(name, "config.json")):
             what = "is an empty directory" if not os.listdir(name) else "has no config.json"
             raise ModelError(f"model directory {name!r} {what}: not a saved model (save one with save_pretrained, or pass a hub id)")
@@ -388,6 +403,8 @@ def family(name: str) -> str | None:
     """qwen2.5, qwen3, tiny, or None when it cannot be decided safely (then --teacher must be given)."""
     if name in TINY:
         return "tiny"
+    if os.path.isdir(name) and lora.is_lora_checkpoint(name):
+        return family(lora.base_of(name))
     base = name.removeprefix("random:").partition("@")[0] if name.startswith("random:") else name
     if re.fullmatch(rf"(?:Qwen/)?Qwen2\.5-{_SIZE}(?:-Instruct)?", base):
         return "qwen2.5"
@@ -413,6 +430,8 @@ def family(name: str) -> str | None:
 def default_teacher(student: str) -> str:
     """The paper's teacher for the student's family (a random: student gets the random teacher of the same layers)."""
     fam = family(student)
+    if fam == "tiny":
+        return student.replace("student", "teacher")  # tiny-student-recall <- tiny-teacher-recall
     if fam is None:
         raise ModelError(
             f"no default teacher for --student {student!r} (defaults exist for Qwen2.5-*, Qwen3-* and tiny-student): "
@@ -439,6 +458,8 @@ def n_params(config: dict) -> float:
 
 def model_size(name: str) -> float | None:
     """Parameters in billions, from the name or a local config; None when unknown (a hub id of another family)."""
+    if os.path.isdir(name) and lora.is_lora_checkpoint(name):
+        return model_size(lora.base_of(name))
     base = name.removeprefix("random:").partition("@")[0] if name.startswith("random:") else name
     base = base.removeprefix("Qwen/")
     if base.startswith("Qwen3-30B-A3B"):
@@ -542,6 +563,11 @@ def load_tokenizers(student: str, teacher: str):
 def load_model(path: str, dtype: str, device: str):
     from transformers import AutoModelForCausalLM
 
+    if os.path.isdir(path) and lora.is_lora_checkpoint(path):  # base + adapter, merged: a plain model again
+        base = load_model(resolve_model(lora.base_of(path)), dtype, device)
+        s = lora.settings_of(path)
+        model = lora.merge(lora.add_lora(base, s["rank"], s["alpha"], s["dropout"], s["targets"], adapter_dir=path))
+        return model.eval()
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device)
     return model.eval()

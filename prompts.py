@@ -29,7 +29,7 @@ NO_ACTION = "(no valid action)"  # what the text history shows for a reply the e
 
 
 def default_style(env_name: str) -> str:
-    return "compact" if env_name == "tinyworld" else "paper"
+    return "compact" if env_name.startswith("tinyworld") else "paper"
 
 
 def how_to_reply(think: bool) -> str:

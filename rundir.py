@@ -17,6 +17,7 @@ import time
 
 import torch
 
+import lora
 import memory
 
 # --------------------------------------------------------------------------------------------------
@@ -50,7 +51,7 @@ def save_checkpoint(out: str, student, tok, optimizer, curriculum, step: int, ba
     shutil.rmtree(tmp, ignore_errors=True)
     memory.check_disk(out, memory.saved_bytes(student, optimizer))  # the old checkpoint stays until the new one is whole
     try:
-        student.save_pretrained(tmp)
+        lora.save_model(student, tmp)  # a LoRA student: its adapter only
         tok.save_pretrained(tmp)
         torch.save({"optimizer": optimizer.state_dict(), "curriculum": curriculum.state_dict(), "step": step, "bad_in_a_row": bad_in_a_row}, os.path.join(tmp, "trainer.pt"))
     except (OSError, RuntimeError) as e:

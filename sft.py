@@ -32,7 +32,7 @@ from tqdm import tqdm
 import kl
 import models
 from rollout import Chat, Episode, evaluate, precision, trained_turns
-from envs import EnvPool, TinyWorld
+from envs import EnvPool, TinyWorld, make_env
 from prompts import Prompter, default_style, first_prompt, format_reply, turn_prompt
 
 TINY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tiny")  # shipped; rebuilt by this file
@@ -84,7 +84,16 @@ class Args:
     restart_at: int = 100
     """SFT step at which the optimizer and data order restart (the run that made the shipped models did this)"""
     noise: float = 0.2
-    """probability of a random action at each demonstration turn (never trained on; the expert's fix is)"""
+    """probability of a random action at each demonstration turn (never trained on; the expert's fix is); 0: expert
+    states only, a teacher without recovery skill (support.py measures the difference)"""
+    env: Literal["tinyworld", "tinyworld-recall"] = "tinyworld"
+    """the world the demonstrations come from (the tokenizer is TinyWorld's either way, so every tiny model shares it)"""
+
+
+def recipe_suffix(env: str, noise: float) -> str:
+    """What a tiny model's name says of its recipe: -recall (trained in tinyworld-recall), -norec (--noise 0: expert
+    states only, no recovery skill), -noiseX (another noise); the shipped demo pair has none."""
+    return ("-recall" if env == "tinyworld-recall" else "") + ("" if noise == 0.2 else "-norec" if noise == 0 else f"-noise{noise:g}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -250,16 +259,17 @@ def build_tiny(args: Args) -> None:
     """One SFT run of a 4-layer model: the teacher is its end, the student a snapshot from its middle (the same
     family and tokenizer, far less competent, like a small model beside a large one)."""
 
-    t0 = time.time()
+    t0, suffix = time.time(), recipe_suffix(args.env, args.noise)
     torch.set_num_threads(1)  # bitwise reproducible on a CPU, and on 2 shared cores not slower
-    tok = build_tokenizer(os.path.join(args.out, "tokenizer"))
-    chat, env, rng = Chat(tok), TinyWorld(), random.Random(args.seed)
+    tok_dir = os.path.join(args.out, "tokenizer" + suffix)  # one per recipe: two builds can share the folder
+    tok = build_tokenizer(tok_dir)
+    chat, env, rng = Chat(tok), make_env(args.env), random.Random(args.seed)
     data = [demo_stream(env, chat, t, False, args.noise, rng) for t in env.tasks("train")[:3000]]
     model = tiny_model(tok, 128, 4, args.seed)
 
     def save(name: str, step: int) -> None:
         was_training = model.training
-        test = evaluate(model.eval(), chat, EnvPool("tinyworld", {}, 0), env, env.tasks("test")[:100], batch=16, temperature=0.4,
+        test = evaluate(model.eval(), chat, EnvPool(args.env, {}, 0), env, env.tasks("test")[:100], batch=16, temperature=0.4,
                         max_new_tokens=16, think=False, prompt="compact", max_turns=env.max_turns, max_context=2048, seed=0)
         model.train(was_training)
         path, tmp = os.path.join(args.out, name), os.path.join(args.out, name + ".tmp")
@@ -275,18 +285,26 @@ def build_tiny(args: Args) -> None:
     assert R < args.student_steps < T
     sft(model, data, R, lr=3e-3, seed=args.seed, bf16=True, desc="sft", total=T)
     sft(model, data, T - R, lr=3e-3, seed=args.seed + R, bf16=True, desc="sft", total=T, start=R,
-        on_step=lambda step: step == args.student_steps and save("tiny-student", step))
-    save("tiny-teacher", T)
-    shutil.rmtree(os.path.join(args.out, "tokenizer"))
+        on_step=lambda step: step == args.student_steps and save("tiny-student" + suffix, step))
+    save("tiny-teacher" + suffix, T)
+    shutil.rmtree(tok_dir)
     print(f"tiny models built in {time.time() - t0:.0f}s under {args.out}")
 
 
+def tiny_recipe(name: str) -> tuple[str, Args]:
+    """A tiny model's directory in data/tiny and the `sft.py tiny` settings that build it (models.TINY names them):
+    tiny-ROLE[-recall][-norec], see recipe_suffix."""
+    recipe = name.removeprefix("tiny-").partition("-")[2]
+    settings = {"env": "tinyworld-recall" if "recall" in recipe else "tinyworld", "noise": 0.0 if "norec" in recipe else 0.2}
+    return os.path.join(TINY_DIR, name), Args(**settings)
+
+
 def tiny_model_dir(name: str) -> str:
-    """The directory of a tiny model (shipped in data/tiny; rebuilt here if it is missing)."""
-    path = os.path.join(TINY_DIR, name)
+    """The directory of a tiny model (shipped in data/; rebuilt here if it is missing)."""
+    path, recipe = tiny_recipe(name)
     if not os.path.isdir(path):
-        print(f"{path} is missing: building the tiny models (python sft.py tiny --force does the same)")
-        build_tiny(Args())
+        print(f"{path} is missing: building it (python sft.py tiny --force [--env E] [--noise N] does the same)")
+        build_tiny(recipe)
     return path
 
 
@@ -294,5 +312,5 @@ if __name__ == "__main__":
     args = tyro.extras.subcommand_cli_from_dict({"baseline": BaselineArgs, "tiny": Args})
     if isinstance(args, BaselineArgs):
         baseline(args)
-    elif args.force or not os.path.isdir(os.path.join(args.out, "tiny-student")):
+    elif args.force or not os.path.isdir(os.path.join(args.out, "tiny-teacher" + recipe_suffix(args.env, args.noise))):
         build_tiny(args)

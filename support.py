@@ -138,7 +138,7 @@ def profile(teacher, chat, envs, env, tasks: list[str], *, prompt: str, think: b
 @dataclass
 class Args:
     teacher: str = "tiny-teacher"
-    """the teacher: a short name or a directory (tiny models: TinyWorld)"""
+    """the teacher: a tiny model's name (models.TINY), measured in the world it was trained in"""
     tasks: int = 100
     """held-out tasks (the env's first eval split)"""
     seed: int = 0
@@ -147,13 +147,13 @@ class Args:
 
 def main(args: Args) -> dict:
     import models
-    from envs import EnvPool, TinyWorld
+    from envs import EnvPool, make_env
     from rollout import Chat
 
-    env = TinyWorld()
+    env = make_env(models.tiny_env(args.teacher))  # the world the tiny teacher knows
     chat = Chat(models.load_tokenizers(args.teacher, args.teacher))
     teacher = models.load_model(models.resolve_model(args.teacher), "float32", "cpu").eval()
-    result = profile(teacher, chat, EnvPool("tinyworld", {}, 0), env, env.tasks("test")[: args.tasks], prompt="compact",
+    result = profile(teacher, chat, EnvPool(env.name, {}, 0), env, env.tasks("test")[: args.tasks], prompt="compact",
                      think=False, max_new_tokens=32, seed=args.seed)
     print("| random actions before the teacher takes over | tasks | teacher success |\n|---|---|---|")
     for n, r in result.items():

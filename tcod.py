@@ -30,6 +30,7 @@ import tyro
 from tqdm import tqdm
 
 import kl
+import lora
 import memory
 import models
 import support
@@ -39,7 +40,7 @@ from curriculum import Curriculum, Plan, check_demos_cover, load_demos
 from dist import Dist, gather_episodes
 from envs import EnvPool, check_java, env_class, eval_panel, make_env
 from prompts import Prompter, default_style
-from models import TINY, ModelError, check_models, load_model, load_tokenizers, resolve_model, size_warning
+from models import TINY, ModelError, tiny_env, check_models, load_model, load_tokenizers, resolve_model, size_warning
 from opd import UpdateConfig, default_aggregation, episode_metrics, kl_metrics, score_episodes, update
 from rollout import Chat, evaluate, precision, rollout
 from rundir import (
@@ -161,6 +162,15 @@ class Args:
     continues the same tracked run"""
     dry_run: bool = False
     """print the memory plan and exit before any model loads"""
+    lora_rank: int = 0
+    """LoRA rank of the student's adapters (0: full fine-tuning); the base is frozen in the teacher's dtype (bf16 on a
+    GPU), only the float32 adapters train, checkpoints hold the adapter (lora.py). LoRA usually wants ~10x the lr"""
+    lora_alpha: float | None = None
+    """LoRA alpha; the adapter's scale is alpha / rank (default: 2 x rank, a scale of 2 at every rank)"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input in the update; 0 by default so the scored policy is the one that sampled"""
+    lora_targets: tuple[str, ...] = lora.DEFAULT_TARGETS
+    """the linear modules that get adapters: every attention and MLP projection of a Qwen/Llama layer by default"""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -169,7 +179,7 @@ class Args:
 
 def default_workers(env_name: str) -> int:
     """TinyWorld and WebShop step in microseconds: in-process. ALFWorld and ScienceWorld: one worker per core, up to 8."""
-    return 0 if env_name in ("tinyworld", "webshop") else min(8, os.cpu_count() or 1)
+    return 0 if env_name.startswith("tinyworld") or env_name == "webshop" else min(8, os.cpu_count() or 1)
 
 
 def update_config(args: Args) -> UpdateConfig:
@@ -189,9 +199,11 @@ def resolve_args(args: Args) -> Args:
     if args.env_data is not None and args.env not in ("alfworld", "webshop"):
         raise ValueError(f"--env-data is for alfworld and webshop; {args.env} has no data directory to point at")
     tiny = args.student in TINY
-    if tiny and args.env != "tinyworld":
-        raise ValueError("the tiny models only know tinyworld; pass real --student/--teacher models for other envs")
     args.teacher = check_models(args.student, args.teacher)  # the default teacher; unknown or unobtainable models fail here
+    for name in (args.student, args.teacher):
+        if (name in TINY or tiny) and tiny_env(name) != args.env:
+            raise ValueError(f"{name} only knows {tiny_env(name)} (got --env {args.env}); the tiny models know their own "
+                             "world only: pass real --student/--teacher models for the benchmarks")
     if args.demos and args.curriculum != "b2f":
         raise ValueError(f"--demos is for --curriculum b2f (got {args.curriculum})")
     defaults = {
@@ -199,7 +211,7 @@ def resolve_args(args: Args) -> Args:
         "max_new_tokens": 32 if tiny else 512, "max_turns": env_cls.max_turns, "gradient_checkpointing": not tiny,
         "env_workers": default_workers(args.env),
         "aggregation": default_aggregation(args.env, args.curriculum),
-        "turns_per_update": 0 if args.env == "tinyworld" else 64,
+        "turns_per_update": 0 if args.env.startswith("tinyworld") else 64,
     }
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -247,6 +259,7 @@ def check_args(args: Args) -> None:
     if args.estimator == "jsd":
         need(0 < args.jsd_beta < 1, "jsd_beta", "strictly between 0 and 1 (0 and 1 are the two plain KLs: use "
              "--estimator forward_kl or reverse_kl)")
+    lora.check_settings(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
     if args.max_context is not None:
         need(args.max_context > args.max_new_tokens, "max_context", f"more than --max-new-tokens {args.max_new_tokens} "
              "plus a prompt")
@@ -272,11 +285,12 @@ def memory_plan(args: Args) -> dict:
         student_device=devices[0], teacher_device=devices[1], micro_batch=args.micro_batch,
         max_context=min(args.max_context or limit, limit), tasks_per_step=args.tasks_per_step,
         gradient_checkpointing=args.gradient_checkpointing, compute_bytes=fast[0], teacher_bytes=fast[1],
-        logits_per_chunk=kl.LOGITS_PER_CHUNK,
+        logits_per_chunk=kl.LOGITS_PER_CHUNK, lora_rank=args.lora_rank, lora_targets=tuple(args.lora_targets),
+        **({"student_bytes": fast[0]} if args.lora_rank else {}),  # LoRA: the frozen base in the forwards' dtype
     )
     capacity = {d: memory.device_capacity(d) for d in devices}
     print(memory.format_plan(memory.plan(s_cfg, t_cfg, setting), capacity))
-    ckpt_bytes, disk = memory.checkpoint_bytes(memory.param_count(s_cfg)), memory.existing_dir(args.out)
+    ckpt_bytes, disk = memory.checkpoint_bytes(memory.trainable_count(s_cfg, args.lora_rank, args.lora_targets)), memory.existing_dir(args.out)
     print(f"  disk: a checkpoint is {ckpt_bytes / 1e9:.2f} GB (fp32 weights, AdamW state, tokenizer); saving briefly "
           f"holds two ({2 * ckpt_bytes / 1e9:.2f} GB); {shutil.disk_usage(disk).free / 1e9:.2f} GB free on the filesystem of {disk}")
     # one checkpoint at a time, but a save writes the new one before deleting the old: two, briefly
@@ -347,7 +361,12 @@ def run(args: Args, locks: list) -> dict:
             open(metrics_path, "w").close()
         write_json(os.path.join(args.out, "args.json"), asdict(args))
     student_dtype, teacher_dtype, amp = precision(args.dtype, args.device)
-    student = load_model(ckpt or resolve_model(args.student), student_dtype, args.device)
+    if args.lora_rank:  # a frozen base in the teacher's dtype plus float32 adapters; a checkpoint holds the adapter
+        student = lora.add_lora(load_model(resolve_model(args.student), teacher_dtype, args.device), args.lora_rank,
+                                args.lora_alpha, args.lora_dropout, args.lora_targets, adapter_dir=ckpt,
+                                seed=args.seed)
+    else:
+        student = load_model(ckpt or resolve_model(args.student), student_dtype, args.device)
     teacher = load_model(resolve_model(args.teacher), teacher_dtype, args.teacher_device or args.device).requires_grad_(False)
     if args.gradient_checkpointing:
         student.gradient_checkpointing_enable()
