@@ -23,7 +23,8 @@ Prints a table and writes bench.json. Each row names the two variants and their 
   shape rows (--shape NAME): random models of a real shape (random:NAME@LAYERS, the paper's teacher of the family at
              the same layers), the real Qwen tokenizer and vocabulary: rollout tokens/s, the decoding step's parts,
              one-pass teacher scoring time and peak memory, a training step's peak memory with and without gradient
-             checkpointing, float32 vs bf16-mixed step time; each memory figure from a fresh subprocess
+             checkpointing, the same step with and without telemetry, LoRA rank 16 against full fine-tuning (time and
+             peak), float32 vs bf16-mixed step time; each memory figure from a fresh subprocess
 """
 
 from __future__ import annotations
@@ -35,12 +36,13 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import tyro
 
 import kl
+import lora
 import models
 import rollout
 import opd
@@ -495,12 +497,16 @@ def child(spec: dict) -> None:
     student_dtype, teacher_dtype, _ = rollout.precision(spec["dtype"], device)
     teacher = tcod.load_model(spec["teacher"], teacher_dtype, device).requires_grad_(False)
     episodes = synthetic_episodes(spec["episodes"], spec["tokens"], 151_665)
-    if spec["kind"] == "step":
-        student = tcod.load_model(spec["student"], student_dtype, device)
+    if spec["kind"] in ("step", "telemetry"):
+        if spec.get("lora_rank"):  # as tcod.py builds a LoRA student: the frozen base in the teacher's dtype
+            student = lora.add_lora(tcod.load_model(spec["student"], teacher_dtype, device), spec["lora_rank"])
+        else:
+            student = tcod.load_model(spec["student"], student_dtype, device)
         if spec["checkpointing"]:
             student.gradient_checkpointing_enable()
         optimizer = torch.optim.AdamW(student.parameters(), lr=1e-6, weight_decay=0.0)
-        step_args = tcod.Args(micro_batch=4, dtype=spec["dtype"], aggregation="token-mean")
+        step_args = tcod.update_config(tcod.Args(micro_batch=4, dtype=spec["dtype"], aggregation="token-mean"))
+        step = lambda telemetry=True: opd.score_and_update(student, teacher, episodes, optimizer, replace(step_args, telemetry=telemetry))
     kb = lambda field: next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field + ":"))
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -512,8 +518,13 @@ def child(spec: dict) -> None:
         turns = [torch.tensor(rollout.trained_turns(e)) for e in episodes]
         batches = [opd.batch_tensors(episodes, mb, turns, device) for mb in opd.microbatches(episodes, 4)]
         _, seconds = timed(lambda: [opd.teacher_logprobs(teacher, ids, targets) for ids, targets, _ in batches])
+    elif spec["kind"] == "telemetry":  # the same step with and without telemetry, alternated; the fastest of each
+        step()  # warm-up
+        times = {on: min(timed(lambda: step(on))[1] for _ in range(3)) for on in (True, False)}
+        print(json.dumps({"with": times[True], "without": times[False]}))
+        return
     else:
-        _, seconds = timed(lambda: opd.score_and_update(student, teacher, episodes, optimizer, tcod.update_config(step_args)))
+        _, seconds = timed(step)
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else kb("VmHWM") * 1024
     print(json.dumps({"seconds": seconds, "peak_mb": peak / 2**20, "loaded_mb": base / 2**20, "growth_mb": (peak - base) / 2**20}))
 
@@ -576,7 +587,18 @@ def shape_main(args: Args) -> dict:
          f"score_and_update, 4 episodes x {Ls} tokens, micro-batch 4, teacher {step_teacher_name}, fresh process; growth over the "
          f"loaded weights (grads, AdamW state, activations) {on['growth_mb']:.0f} vs {off['growth_mb']:.0f} MB; step {on['seconds']:.1f} vs {off['seconds']:.1f} s"))
 
-    # 4. the mixed-precision update's cost: float32 vs bf16-mixed step time, same step, no checkpointing
+    # 4. telemetry's cost (teacher top-1 and student entropy at the trained tokens, opd.py) in one process, and a
+    # LoRA student (rank 16, every projection) against full fine-tuning, each one score_and_update as above
+    tel = fresh_run(dict(spec, kind="telemetry", checkpointing=True))
+    add((f"{args.shape} telemetry", "with s", tel["with"], "without s", tel["without"],
+         f"one score_and_update as in the step memory row, checkpointing on, 3 alternating repeats, fastest each; "
+         f"{Ls - Ls // 4} of {Ls} tokens an episode are the student's"))
+    lora16 = fresh_run(dict(spec, checkpointing=True, lora_rank=16))
+    add((f"{args.shape} LoRA r16 step", "LoRA s", lora16["seconds"], "full fine-tuning s", on["seconds"],
+         f"as the step memory row, checkpointing on; peak {lora16['peak_mb']:.0f} vs {on['peak_mb']:.0f} MB, growth over the "
+         f"loaded weights {lora16['growth_mb']:.0f} vs {on['growth_mb']:.0f} MB"))
+
+    # 5. the mixed-precision update's cost: float32 vs bf16-mixed step time, same step, no checkpointing
     if args.precision_row:
         f32, mixed = fresh_run(dict(spec, dtype="float32", checkpointing=False)), fresh_run(dict(spec, dtype="bf16-mixed", checkpointing=False))
         add((f"{args.shape} precision update", "float32 s", f32["seconds"], "bf16-mixed s", mixed["seconds"],

@@ -502,7 +502,7 @@ def run(args: Args, locks: list) -> dict:
 
             curves = plot.plot_runs([args.out], os.path.join(args.out, "curves.png"))
             if tracker:
-                tracker.figures([curves, os.path.splitext(curves)[0] + "-heatmap.png"])
+                tracker.figures([curves] + [os.path.splitext(curves)[0] + f"-{kind}.png" for kind in ("heatmap", "telemetry")])
         except ImportError as e:  # matplotlib is optional
             print(f"no plot: {e}")
         except Exception as e:  # a full disk or a plotting bug must not turn a finished run into a failure
