@@ -13,22 +13,17 @@ instructions; when `items_human_ins.json` is there, the human instructions are t
 paper's benchmark), otherwise the synthetic ones (251 goals on the slice). Goals are shuffled with the
 original's fixed seed (233), so `goal-i` is the original's session i.
 
-Split, the authors' (kokolerk/TCOD, TCOD_examples/webshop/get_webshop_data.py: sessions 0-4095 train, 4096-4195
-test): train = the first min(4096, n - n_test) goals, test = the n_test = min(100, n // 5) goals right after them.
-On data with at least 4,196 goals (the full catalogue's human goals, --env-data) that is exactly theirs, and
-the goals after 4195 are unused, as theirs. On the bundled slice (251 goals) it is train goal-0..goal-200, test goal-201..goal-250. (The original
-WebShop papers instead test on sessions 0-499, which the authors train on.)
+Split: the authors' (kokolerk/TCOD get_webshop_data.py): train = goals 0-4095, test = 4096-4195, later goals
+unused, on data with at least 4,196 goals (the full catalogue's human goals, --env-data); on less, test is the last
+min(100, n // 5) goals: on the bundled slice train goal-0..200, test goal-201..250 (see split_ranges).
 
-The reward on Buy Now is the original's (princeton-nlp/WebShop web_agent_site/engine/goal.py and normalize.py,
-with its pinned thefuzz 0.19.0). Run side by side with that code on 1,716 purchases over the slice's 251 goals
-(exact, over budget, no option, one wrong option, another product, the options as a human goal's list, and
-hand-made cases), ours and the original agree on every one, with thefuzz's Levenshtein speedup and with its
-difflib fallback (measured for issue 25; its closing note gives the command). Reproduced as the original's code although
-odd: a synthetic goal's options (a dict) reach the colour normalizer and the matcher as (name, value) pairs, so
-their colours are never reduced to a colour word while the chosen option's are: "washed blue" bought for
-"washed blue" reduces to "ash" and misses. On the slice 230 of the 251 exact purchases score 1.0 (all 251 if the
-goal's colours were reduced too), so the other 21 goals have no demonstration. Human goals (plain lists) are
-not affected.
+The reward is the original's (princeton-nlp/WebShop engine/goal.py and normalize.py, with its pinned thefuzz 0.19.0):
+side by side with that code on 1,716 purchases over the slice's 251 goals (exact, over budget, no option, one wrong
+option, another product, options as a human goal's list, hand-made cases) the two agree on every one (issue 25's
+closing note gives the command). Kept although odd: a synthetic goal's options (a dict) reach the colour normalizer
+and the matcher as (name, value) pairs, so the goal's colour is not reduced while the chosen one is ("washed blue"
+bought for "washed blue" becomes "ash" and misses). On the slice 230 of 251 exact purchases score 1.0 (251 with the
+goals' colours reduced too); the other 21 goals have no demonstration. Human goals (plain lists) are not affected.
 
 Deviations from the original, all deliberate:
 * Randomness is seeded: the price of a product with a price range, and the "price lower than" limit of
@@ -303,11 +298,8 @@ def in_text(s: str, product: dict) -> bool:
 
 def option_reward(chosen: list[str], goal_options) -> tuple[float | None, int]:
     """The goal's options that some chosen option matches (fuzzy > 85, sizes too), counted over the goal's options.
-
-    A synthetic goal's options are a dict and the original hands its items(), (name, value) pairs, to the colour
-    normalizer and the matcher: the pair is matched as its text "('color', 'navy blue')", i.e. the tokens
-    "color navy blue", and its colour is not reduced unless the value is exactly a colour word. We do the same
-    (see the module docstring for what it costs). Human goals list plain values."""
+    A synthetic goal's dict reaches the matcher as (name, value) pairs, as in the original: "('color', 'navy blue')"
+    gives the tokens "color navy blue" (see the module docstring). Human goals list plain values."""
     wanted = list(goal_options.items()) if isinstance(goal_options, dict) else list(goal_options)
     chosen = [normalize_color(o) for o in chosen]
     hits = sum(any(fuzzy(p, normalize_color(g)) > 85 for p in chosen) for g in wanted)
@@ -327,8 +319,8 @@ def get_reward(product: dict, goal: dict, price: float, options: dict) -> tuple[
 
 
 def split_ranges(n_goals: int) -> dict[str, range]:
-    """The authors' split (train on sessions 0-4095, test on the 100 after them) on n goals; on fewer than 4,196
-    goals, train takes all but the last min(100, n // 5), which are test."""
+    """The authors' split (train on sessions 0-4095, test on the 100 after them; the original WebShop papers test on
+    0-499 instead) on n goals; on fewer than 4,196 goals, test is the last min(100, n // 5), train the rest."""
     n_test = min(N_TEST, n_goals // 5)
     n_train = min(N_TRAIN, n_goals - n_test)
     return {"train": range(n_train), "test": range(n_train, n_train + n_test)}
