@@ -321,13 +321,19 @@ def scienceworld_task_list() -> list[dict]:
     return json.loads((Path(scienceworld.__file__).parent / "tasks.json").read_text())
 
 
+# The authors' 17 training task types (kokolerk/TCOD, TCOD_examples/scienceworld/get_sciworld_data.py); the other 13
+# of the 30 are held out. In task-id order.
+TRAIN_TYPES = (
+    "boil", "melt", "change-the-state-of-matter-of", "use-thermometer", "measure-melting-point-known-substance",
+    "power-component", "test-conductivity", "find-living-thing", "find-plant", "grow-plant", "chemistry-mix",
+    "chemistry-mix-paint-secondary-color", "lifespan-shortest-lived", "identify-life-stages-2",
+    "inclined-plane-determine-angle", "inclined-plane-friction-named-surfaces", "mendelian-genetics-known-plant",
+)
+
+
 def held_out_types() -> set[str]:
-    """The 13 held-out task types of split="type": in each family, the types after the first half (rounded up)."""
-    families = {}
-    for t in scienceworld_task_list():
-        families.setdefault(t["task_id"].split("-")[0], []).append(t)
-    return {t["task_name"] for members in families.values()
-            for t in sorted(members, key=lambda t: int(t["task_id"].split("-")[1]))[(len(members) + 1) // 2 :]}
+    """The 13 held-out task types of split="type": every type that is not one of the authors' TRAIN_TYPES."""
+    return {t["task_name"] for t in scienceworld_task_list()} - set(TRAIN_TYPES)
 
 
 def check_java() -> None:
@@ -337,17 +343,21 @@ def check_java() -> None:
 
 
 class ScienceWorld:
-    """ScienceWorld, split by task type as the paper (or by the simulator's own variation splits), with (by default)
-    the "easy" simplifications the authors load tasks with (`simplifications=""` for the full simulator).
+    """ScienceWorld, split by task type as the authors (or by the simulator's own variation splits), with (by
+    default) the "easy" simplifications the authors load every task with (`simplifications=""`: the full simulator).
 
-    split="type" (the paper's protocol: 17 task types train, 13 are held out, on the first 50 % of each type's
-    variations): the authors' list of types is not published, so ours is a rule. The 30 types come in 10 families
-    (task ids 1-1 ... 10-2: boiling/melting/freezing, measuring, circuits, ...); in each family the first half of its
-    types (rounded up, in task-id order) are training types and the rest held out, which gives exactly 17 and 13, and
-    tests transfer to an unseen variant of a family seen in training (e.g. test-conductivity-of-unknown-substances).
-    "train" holds the training types' first-half variations, "dev" their second half (seen types, unseen
-    variations), "test" the held-out types' first-half variations. split="variation": "train", "dev" and "test" are
-    the simulator's own splits of every type's variations. `task_types` restricts every split to those types.
+    split="type" (the authors' protocol, kokolerk/TCOD get_sciworld_data.py): their 17 training types (TRAIN_TYPES)
+    and 13 held-out types, each on the first half of its variations, rounded down (variations 0 .. n // 2 - 1 of a
+    type with n; for all 30 types the simulator's n equals the authors' table and its variations are 0 .. n - 1).
+    "train" holds the training types' first halves, "dev" the rest of their variations (seen types, unseen
+    variations; the authors have no dev set), "test" the held-out types' first halves. split="variation": "train",
+    "dev" and "test" are the simulator's own splits of every type's variations. `task_types` restricts every split to
+    those types.
+
+    "easy", as the simulator resolves it (get_simplifications_used()): teleportAction (a "teleport to LOC" action),
+    openDoors (every door starts open) and selfWateringFlowerPots, plus noElectricalAction (the electrical actions
+    removed) on every task but the four electrical ones (power-component, power-component-renewable-vs-nonrenewable-
+    energy, test-conductivity, test-conductivity-of-unknown-substances). openContainers is not part of it.
 
     A task id is "<task name>-<variation>", e.g. "boil-3". Score runs from -100 to 100: Step.score is score/100, success
     is a score of 100, and a negative score (a wrong `focus on`) ends the episode as a failure. The full list of valid
@@ -369,9 +379,9 @@ class ScienceWorld:
         if split not in ("type", "variation"):
             raise ValueError(f"scienceworld split {split!r}: use 'type' (the paper's) or 'variation' (the simulator's)")
         self.split = split
-        # "easy" (teleport, open doors and containers, self-watering pots, no electrical action) is how the authors
-        # load every task; "" is the simulator's full difficulty (the gold paths of 14 of the 30 types' first test
-        # variations exceed T_max 30 either way: easy shortens boil, melt and freeze by about 30 actions).
+        # "easy" (see the class docstring) is how the authors load every task; "" is the simulator's full difficulty
+        # (the gold paths of 14 of the 30 types' first test variations exceed T_max 30 either way: easy shortens
+        # boil, melt and freeze by about 30 actions).
         self.task_types, self.simplifications = task_types, simplifications
         self.sim = None  # the scienceworld.ScienceWorldEnv, started on first use
         self.templates = None  # the action templates of the loaded task
@@ -408,7 +418,7 @@ class ScienceWorld:
         tasks = []
         for name in names:
             every = sorted(v for part in ScienceWorld._variations[name] for v in part)
-            half = (len(every) + 1) // 2
+            half = len(every) // 2  # the authors' int(n * 0.5)
             tasks += [f"{name}-{v}" for v in (every[half:] if split == "dev" else every[:half])]
         return tasks
 

@@ -120,21 +120,29 @@ def test_scienceworld_variation_splits():
 
 @needs_scienceworld
 def test_scienceworld_type_split_holds_out_13_types(scienceworld):
-    """The paper's protocol (default): 17 training types, 13 held out, each on the first half of its variations."""
+    """The authors' protocol (default): their 17 training types, 13 held out, each on the first half of its
+    variations rounded down (kokolerk/TCOD get_sciworld_data.py: range(int(n * 0.5)))."""
     train, dev, test = (scienceworld.tasks(s) for s in ("train", "dev", "test"))
     types = lambda tasks: {scienceworld.task_type(t) for t in tasks}  # noqa: E731
-    assert len(types(train)) == 17 and len(types(test)) == 13 and types(dev) == types(train)
-    assert not types(train) & types(test) and types(test) == envs.held_out_types()
-    # per family (task id 1-x, 2-x, ...) the first half of the types (rounded up) train: e.g. boil and melt of 1-1..1-4
-    assert {"boil", "melt"} <= types(train) and {"freeze", "change-the-state-of-matter-of"} <= types(test)
-    assert {"mendelian-genetics-known-plant", "grow-plant"} <= types(train) and "grow-fruit" in types(test)
-    for name in ("boil", "freeze"):
-        every = sorted(v for part in ScienceWorld._variations[name] for v in part)
-        half = (len(every) + 1) // 2
-        mine = [int(t.rsplit("-", 1)[1]) for t in (train if name == "boil" else test) if scienceworld.task_type(t) == name]
-        assert mine == every[:half]
-        if name == "boil":
-            assert [int(t.rsplit("-", 1)[1]) for t in dev if t.startswith("boil-")] == every[half:]
+    assert types(train) == {
+        "boil", "melt", "change-the-state-of-matter-of", "use-thermometer", "measure-melting-point-known-substance",
+        "power-component", "test-conductivity", "find-living-thing", "find-plant", "grow-plant", "chemistry-mix",
+        "chemistry-mix-paint-secondary-color", "lifespan-shortest-lived", "identify-life-stages-2",
+        "inclined-plane-determine-angle", "inclined-plane-friction-named-surfaces", "mendelian-genetics-known-plant"}
+    assert types(test) == {
+        "freeze", "measure-melting-point-unknown-substance", "power-component-renewable-vs-nonrenewable-energy",
+        "test-conductivity-of-unknown-substances", "find-non-living-thing", "find-animal", "grow-fruit",
+        "chemistry-mix-paint-tertiary-color", "lifespan-longest-lived", "lifespan-longest-lived-then-shortest-lived",
+        "identify-life-stages-1", "inclined-plane-friction-unnamed-surfaces", "mendelian-genetics-unknown-plant"}
+    assert types(test) == envs.held_out_types() and types(dev) == types(train)
+    assert (len(train), len(dev), len(test)) == (2294, 2295, 1308)
+    sim = scienceworld._simulator()
+    for name, split, n in (("boil", train, 30), ("identify-life-stages-2", train, 10), ("freeze", test, 30),
+                           ("lifespan-longest-lived", test, 125), ("identify-life-stages-1", test, 14)):
+        assert sim.get_max_variations(name) == n  # the authors' table of variation counts
+        mine = [int(t.rsplit("-", 1)[1]) for t in split if scienceworld.task_type(t) == name]
+        assert mine == list(range(n // 2))  # 125 -> 0..61: rounded down
+    assert [int(t.rsplit("-", 1)[1]) for t in dev if t.startswith("boil-")] == list(range(15, 30))
     with pytest.raises(ValueError, match="split 'random'"):
         ScienceWorld(split="random")
 
@@ -162,11 +170,19 @@ def test_scienceworld_demos_replay_to_success(scienceworld, task):
 
 @needs_scienceworld
 def test_scienceworld_loads_the_authors_easy_simplifications(scienceworld):
-    assert "teleport OBJ" in scienceworld.reset("boil-21").observation  # easy: teleport, open doors, ...
+    assert "teleport OBJ" in scienceworld.reset("boil-21").observation
     assert scienceworld.step("teleport to kitchen").observation.startswith("You teleport to the kitchen")
+    # what "easy" resolves to in the simulator: never openContainers; noElectricalAction except on electrical tasks
+    used = lambda: set(scienceworld.sim.get_simplifications_used().split(", "))  # noqa: E731
+    easy = {"teleportAction", "openDoors", "selfWateringFlowerPots"}
+    assert used() == easy | {"noElectricalAction"}
+    for task in ("power-component-3", "test-conductivity-of-unknown-substances-0"):
+        scienceworld.reset(task)
+        assert used() == easy
     full = ScienceWorld(simplifications="")
     try:
         assert "teleport" not in full.reset("boil-21").observation
+        assert full.sim.get_simplifications_used() == ""
     finally:
         full.close()
 

@@ -1,6 +1,7 @@
 """Tests for webshop.py on the bundled real 65-product slice. Expected values were worked out by hand from the
 data files (see data/webshop/README.md). The type reward is checked with the no-spaCy noun filter."""
 
+import itertools
 import json
 import os
 import re
@@ -10,7 +11,7 @@ import time
 import pytest
 
 import webshop
-from webshop import WebShop, analyze, fuzzy, get_reward, parse_price, type_reward
+from webshop import WebShop, analyze, fuzzy, get_reward, option_reward, parse_price, split_ranges, type_reward
 
 WS_SLICE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "webshop")
 
@@ -53,11 +54,19 @@ def test_data_counts_and_splits(shop):
         cats[p["category"]] = cats.get(p["category"], 0) + 1
     assert cats == {"beauty": 18, "fashion": 15, "electronics": 14, "garden": 12, "grocery": 6}
     test, train = shop.tasks("test"), shop.tasks("train")
-    assert (len(test), len(train)) == (50, 201)  # test = first 20% of the shuffled goals
-    assert test[0] == "goal-0" and train[0] == "goal-50" and not set(test) & set(train)
+    assert (len(test), len(train)) == (50, 201)  # fewer than 4,196 goals: train first, then a fifth as test
+    assert train[0] == "goal-0" and test[0] == "goal-201" and test[-1] == "goal-250" and not set(test) & set(train)
     assert shop.task_type("goal-0") == "fashion"
     with pytest.raises(ValueError):
         shop.tasks("valid")
+
+
+def test_split_is_the_authors_on_the_full_data():
+    # kokolerk/TCOD get_webshop_data.py: sessions 0-4095 train, 4096-4195 test; the rest of the goals unused
+    for n in (4196, 12087):
+        assert split_ranges(n) == {"train": range(4096), "test": range(4096, 4196)}
+    assert split_ranges(251) == {"train": range(201), "test": range(201, 251)}
+    assert split_ranges(4000) == {"train": range(3900), "test": range(3900, 4000)}
 
 
 def test_data_edge_cases(shop):
@@ -215,11 +224,11 @@ def test_reward_hand_checked(shop):
     # goal-0: 4 attributes (all in the product's list), 1 option (size 5x-large), budget $60; price in $23.99-29.99
     st = ws_buy(shop, "goal-0", "men's sweaters", "B01KI9HU1O", ["5x-large"])
     assert st.score == 1.0 and st.success and st.observation.endswith("[SEP] 1.0")
-    # sizes must match exactly, and "medium" is nowhere in the product text
+    # a wrong size: "medium" vs the goal's ('size', '5x-large') scores under 85
     st = ws_buy(shop, "goal-0", "men's sweaters", "B01KI9HU1O", ["medium"])
     assert st.score == pytest.approx(5 / 6) and not st.success and st.info["r_option"] == 0.0
-    # the original's last resort: an option found in the product text counts ("Size Small: Chest Width..." bullet)
-    assert ws_buy(shop, "goal-0", "men's sweaters", "B01KI9HU1O", ["small"]).score == 1.0
+    # an option found only in the product text does not count ("Size Small: Chest Width..." is a bullet)
+    assert ws_buy(shop, "goal-0", "men's sweaters", "B01KI9HU1O", ["small"]).score == pytest.approx(5 / 6)
     assert ws_buy(shop, "goal-0", "men's sweaters", "B01KI9HU1O").score == pytest.approx(5 / 6)  # no option chosen
     saved = shop.prices["B01KI9HU1O"]
     shop.prices["B01KI9HU1O"] = 61.0  # over the $60 budget
@@ -234,10 +243,14 @@ def test_reward_hand_checked(shop):
     assert st.info["r_type"] == 0.5 and st.info["title_score"] == pytest.approx(1 / 7)
     assert st.score == pytest.approx(0.5 / 6)
     assert ws_buy(shop, "goal-0", "reclaimed wood console table", "B06Y3VLDFB").score == 0.0  # no shared title word
-    # a null option group leaves size only: 2 attributes + 1 option + price
-    assert ws_buy(shop, "goal-105", "eyes makeup", "B01LM6W7Z6", ["5 shelves"]).score == pytest.approx(3 / 4)
+    # a null option group leaves size only: 2 attributes + 1 option + price. "5 shelves" against the goal's
+    # ('size', '3 shelves') scores 88 (token "shelves" shared): above 85, a hit, as in the original
+    assert fuzzy("5 shelves", ("size", "3 shelves")) == 88
+    assert ws_buy(shop, "goal-105", "eyes makeup", "B01LM6W7Z6", ["5 shelves"]).score == 1.0
+    assert ws_buy(shop, "goal-105", "eyes makeup", "B01LM6W7Z6").score == pytest.approx(3 / 4)
     assert ws_buy(shop, "goal-105", "eyes makeup", "B01LM6W7Z6", ["3 shelves"]).score == 1.0
-    # colors are reduced to the first color word they contain: "white | black" counts as "black | white"
+    # the chosen colour is reduced to its first colour word ("mocha brown" -> "brown"), whose tokens are a subset of
+    # the goal's pair ('color', 'coffee brown'): token_set_ratio 100
     assert shop.goals[45]["goal_options"] == {"color": "coffee brown", "size": "x-small"}  # fuzzy score alone: 62
     assert ws_buy(shop, "goal-45", "sweatyrocks sweater", "B09KRLGSC5", ["mocha brown", "x-small"]).score == 1.0
     g6 = shop.goals[6]
@@ -262,6 +275,82 @@ def test_type_reward_rules_and_fuzzy(shop):
     # thefuzz semantics: lowercase, punctuation dropped, an int score
     assert fuzzy("Machine-Wash", "machine wash") == 100 and isinstance(fuzzy("a b", "a c"), int)
     assert fuzzy("coffee brown", "mocha brown") == 62
+
+
+# ---- reward: each difference that issue 25 found from the original goal.py, on a case where the two differ ----
+
+
+@pytest.fixture(scope="module")
+def sweater(shop):
+    """B01KI9HU1O (men's sweater, sizes small..5x-large; "Size Small" in a bullet) and its goal, price in budget."""
+    p = shop.by_asin["B01KI9HU1O"]
+    return p, shop.goals[0], shop.prices["B01KI9HU1O"]
+
+
+def test_option_found_only_in_the_product_text_does_not_count(sweater):
+    p, goal, price = sweater
+    assert webshop.in_text("small", p)  # the attribute fallback would find it
+    reward, info = get_reward(p, dict(goal, goal_options=["5x-large"]), price, {"size": "small"})
+    assert info["r_option"] == 0.0 and reward == pytest.approx(5 / 6)  # was 1.0 through the text fallback
+
+
+def test_sizes_match_fuzzily_like_other_options(sweater):
+    p, goal, price = sweater
+    # a human goal's "small" and the chosen "x-small": tokens {x, small} contain {small}, token_set_ratio 100
+    assert option_reward(["x-small"], ["small"]) == (1.0, 1)  # an exact size rule said 0
+    assert get_reward(p, dict(goal, goal_options=["small"]), price, {"size": "x-small"})[0] == 1.0
+    # a synthetic goal's pair ('size', 'small') against "x-small": 83, not above 85
+    assert fuzzy("x-small", ("size", "small")) == 83 and option_reward(["x-small"], {"size": "small"}) == (0.0, 0)
+
+
+def test_options_count_over_the_goal_and_the_reward_stays_at_most_one(shop, sweater):
+    p, goal, price = sweater
+    # one goal option, two chosen options that both match it: one hit, not two (counting chosen options gave 7/6)
+    chosen = {"size": "5x-large", "color": "5x-large"}
+    assert option_reward(list(chosen.values()), ["5x-large"]) == (1.0, 1)
+    assert get_reward(p, dict(goal, goal_options=["5x-large"]), price, chosen)[0] == 1.0
+    # two goal options met by one chosen option count twice, as the original
+    assert option_reward(["x-large"], ["x-large", "large x"]) == (1.0, 2)
+    # every purchase of every option combination of a goal's product, for the goal and as a human goal's list
+    worst = 0.0
+    for g in shop.goals[::3]:
+        q = shop.by_asin[g["asin"]]
+        names = sorted(q["options"])
+        for combo in itertools.islice(itertools.product(*(q["options"][n] for n in names)), 12):
+            chosen = dict(zip(names, combo))
+            values = list(g["goal_options"].values())
+            for goal_options in (g["goal_options"], values, values[:1], values * 2):
+                worst = max(worst, get_reward(q, dict(g, goal_options=goal_options), 0.0, chosen)[0])
+    assert worst == 1.0
+
+
+def test_type_score_divides_by_the_goal_nouns_with_repeats():
+    prod = dict(name="alpha", query="other", product_category="x › y")
+    goal = dict(name="alpha beta alpha beta gamma", query="q", product_category="a › b")
+    info = type_reward(prod, goal)
+    # 1 shared noun of 5 (with repeats): 0.2 is not above 0.2 -> 0.5; over the 3 distinct nouns it was 1/3 -> 1.0
+    assert info["title_score"] == pytest.approx(0.2) and info["r_type"] == 0.5
+
+
+def test_synthetic_goal_colours_are_matched_as_the_original_pairs(shop, sweater):
+    # the goal's (name, value) pair is not reduced to a colour word unless the value is exactly one; the chosen value is
+    assert option_reward(["washed blue"], {"color": "washed blue"}) == (0.0, 0)  # "ash" vs "color washed blue"
+    assert option_reward(["washed blue"], ["washed blue"]) == (1.0, 1)  # a human goal's value is reduced too
+    assert webshop.normalize_color(("color", "black")) == "black"  # a value that is exactly a colour word
+    assert webshop.normalize_color(("color", "navy blue")) == ("color", "navy blue")
+    # measured effect on the slice: 230 of 251 exact purchases score 1.0 (all 251 with the goals' colours reduced)
+    exact = [get_reward(shop.by_asin[g["asin"]], g, shop.prices[g["asin"]], g["goal_options"])[0] for g in shop.goals]
+    assert sum(r == 1.0 for r in exact) == 230
+    reduced = [get_reward(shop.by_asin[g["asin"]], dict(g, goal_options=list(g["goal_options"].values())),
+                          shop.prices[g["asin"]], g["goal_options"])[0] for g in shop.goals]
+    assert sum(r == 1.0 for r in reduced) == 251
+
+
+def test_matcher_deletes_code_points_128_to_255_and_keeps_underscores():
+    assert fuzzy("café", "caf") == 100  # "é" is deleted, as thefuzz 0.19; keeping it scored 86
+    assert fuzzy("café", "cafe") == 86
+    assert fuzzy("a_b", "a b") == 67  # "_" is a word character for \W: one token "a_b" (replacing it scored 100)
+    assert fuzzy("Wool-Blend, Navy!", "navy wool blend") == 100
 
 
 def test_reward_edge_cases(shop):
@@ -300,7 +389,8 @@ def test_expert_demos(shop):
         tasks = shop.tasks(split)
         shares[split] = sum(shop.demo(t) is not None for t in tasks) / len(tasks)
         print(f"webshop expert demos reaching reward 1.0: {split} {shares[split]:.3f} of {len(tasks)}")
-    assert shares["test"] >= 0.9 and shares["train"] >= 0.9
+    # 21 of the 251 goals cannot reach 1.0 (their colours, see test_synthetic_goal_colours_...), 1-2 are not found
+    assert shares["test"] >= 0.85 and shares["train"] >= 0.85
 
 
 def test_human_goals(tmp_path):
@@ -353,6 +443,12 @@ def test_spacy_used_when_installed(monkeypatch):
     fake = types.SimpleNamespace(load=lambda m: nlp, util=util)
     monkeypatch.setitem(sys.modules, "spacy", fake)
     monkeypatch.setattr(webshop, "_nlp", None)
-    assert webshop.title_nouns("Red Wool Sweater") == {"wool", "sweater"}
+    assert webshop.title_nouns("Red Wool Sweater Wool") == ["wool", "sweater", "wool"]
+    loaded = []
+    util.is_package = lambda m: True  # both models: the original's goal.py loads en_core_web_sm
+    fake.load = lambda m: loaded.append(m) or nlp
+    monkeypatch.setattr(webshop, "_nlp", None)
+    webshop.title_nouns("Red Wool Sweater")
+    assert loaded == ["en_core_web_sm"]
     monkeypatch.setattr(webshop, "_nlp", False)
-    assert webshop.title_nouns("Red Wool Sweater") == {"red", "wool", "sweater"}  # the fallback keeps adjectives
+    assert webshop.title_nouns("Red Wool Sweater") == ["red", "wool", "sweater"]  # the fallback keeps adjectives

@@ -11,8 +11,19 @@ Data: the official files in `data` (default: the bundled real 65-product slice i
 README). `items_shuffle*.json` holds the products, `items_ins_v2*.json` the attributes and the synthetic
 instructions; when `items_human_ins.json` is there, the human instructions are the goals (as in the
 paper's benchmark), otherwise the synthetic ones (251 goals on the slice). Goals are shuffled with the
-original's fixed seed (233), so `goal-i` is the original's session i. Split: test = the first
-min(500, n // 5) goals (the original evaluates on the first 500; 50 of 251 on the slice), train = the rest.
+original's fixed seed (233), so `goal-i` is the original's session i.
+
+Split: the authors' (kokolerk/TCOD get_webshop_data.py): train = goals 0-4095, test = 4096-4195, later goals
+unused, on data with at least 4,196 goals (the full catalogue's human goals, --env-data); on less, test is the last
+min(100, n // 5) goals: on the bundled slice train goal-0..200, test goal-201..250 (see split_ranges).
+
+The reward is the original's (princeton-nlp/WebShop engine/goal.py and normalize.py, with its pinned thefuzz 0.19.0):
+side by side with that code on 1,716 purchases over the slice's 251 goals (exact, over budget, no option, one wrong
+option, another product, options as a human goal's list, hand-made cases) the two agree on every one (issue 25's
+closing note gives the command). Kept although odd: a synthetic goal's options (a dict) reach the colour normalizer
+and the matcher as (name, value) pairs, so the goal's colour is not reduced while the chosen one is ("washed blue"
+bought for "washed blue" becomes "ash" and misses). On the slice 230 of 251 exact purchases score 1.0 (251 with the
+goals' colours reduced too); the other 21 goals have no demonstration. Human goals (plain lists) are not affected.
 
 Deviations from the original, all deliberate:
 * Randomness is seeded: the price of a product with a price range, and the "price lower than" limit of
@@ -22,12 +33,14 @@ Deviations from the original, all deliberate:
   The analyzer imitates Lucene's English one (lowercase, possessive 's dropped, Lucene's 33 stopwords)
   but stems only plurals (Lucene's EnglishMinimalStemmer rules), not Porter. Ties go to the earlier
   product. Only products that share a term with the query are returned (as Lucene does).
-* Type reward: nouns in titles come from spaCy (en_core_web_lg as upstream, or _sm) when installed.
-  Without spaCy (not installable in our environment) every alphabetic word that is not a function word
-  counts as a noun, so adjectives ("red", "large") count too and a wrong product can match more of the
-  goal's title.
-* Fuzzy matching is rapidfuzz's token_set_ratio with thefuzz's preprocessing and rounding, which is what
-  thefuzz itself now wraps.
+* Type reward: nouns in titles come from spaCy (en_core_web_sm, which goal.py loads, else _lg) when installed.
+  Without spaCy's model (not installable in our environment) every alphabetic word that is not a function word
+  counts as a noun, so adjectives ("red", "large") count too and a wrong product can match more of the goal's
+  title. The side-by-side above gives the original this same noun filter, so it checks the rest of the rule.
+* Fuzzy matching is thefuzz 0.19's token_set_ratio with its preprocessing (code points 128-255 deleted, so "café"
+  matches "caf") and the Levenshtein ratio of its python-Levenshtein speedup, computed by rapidfuzz. Without the
+  speedup thefuzz 0.19 uses difflib's SequenceMatcher, which scores some pairs differently (264 of the slice's
+  2,759 attribute and option pairs), but none of them on the other side of the reward's threshold of 85.
 * Pages follow the classic templates (the ones the papers' observations show), except that "Next >" is
   shown only while there are more results (the newer official template; the classic one always showed
   it and led to empty pages). The Reviews page is empty, as upstream (reviews are never loaded).
@@ -54,7 +67,6 @@ from collections import defaultdict
 import bm25s
 import numpy as np
 from rapidfuzz import fuzz
-from rapidfuzz import utils as fuzz_utils
 
 from envs import Step
 
@@ -62,6 +74,7 @@ DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "web
 SEARCH_RETURN_N, PER_PAGE = 50, 10
 PRICE_STEPS = [10.0 * i for i in range(1, 100)]  # goal price limits are drawn from these
 GOAL_SHUFFLE_SEED = 233  # the original's fixed goal order
+N_TRAIN, N_TEST = 4096, 100  # the authors' WebShop split: sessions 0-4095 train, 4096-4195 test
 SEP = " [SEP] "
 BACK, PREV, NEXT, BUY = "back to search", "< prev", "next >", "buy now"
 SUB_PAGES = ("description", "features", "reviews")
@@ -222,29 +235,44 @@ FUNCTION_WORDS = LUCENE_STOPWORDS | set("about after all any both each from her 
 _nlp = None
 
 
-def normalize_color(value: str) -> str:
+def normalize_color(value) -> str:
+    """The first COLOR_SET word inside `value`, else `value`. On a (name, value) pair, as the original's code passes a
+    synthetic goal's options, `in` tests the pair's items for equality, so only a value that is exactly a colour
+    word is reduced (see option_reward)."""
     return next((c for c in COLOR_SET if c in value), value)
 
 
-def fuzzy(a: str, b: str) -> int:
-    # thefuzz's token_set_ratio = rapidfuzz's with default preprocessing, rounded to an int
-    return round(fuzz.token_set_ratio(a, b, processor=fuzz_utils.default_process))
+LATIN1_HIGH = dict.fromkeys(range(128, 256))  # thefuzz 0.19 deletes these before matching ("café" -> "caf")
 
 
-def title_nouns(title: str) -> set[str]:
+def fuzz_text(s) -> str:
+    """thefuzz 0.19's preprocessing (the original pins thefuzz==0.19.0; full_process with force_ascii): str() of
+    anything, code points 128-255 deleted, each non-word character (\\W, so "_" stays) a space, lowercase, stripped."""
+    return re.sub(r"\W", " ", str(s).translate(LATIN1_HIGH)).lower().strip()
+
+
+def fuzzy(a, b) -> int:
+    """thefuzz 0.19's token_set_ratio: tokens split on whitespace, the best of three Levenshtein ratios (its
+    python-Levenshtein speedup; rapidfuzz computes the same ratio), an int from 0 to 100."""
+    return round(fuzz.token_set_ratio(fuzz_text(a), fuzz_text(b), processor=None))
+
+
+def title_nouns(title: str) -> list[str]:
+    """The title's nouns in order, repeats kept (the type score divides by their number, as the original)."""
     global _nlp
     if _nlp is None:  # first use: load spaCy if it and a model are installed, else remember the fallback
         try:
             import spacy
 
-            models = [m for m in ("en_core_web_lg", "en_core_web_sm") if spacy.util.is_package(m)]
+            # en_core_web_sm is what the original's goal.py loads; its setup.sh also fetches _lg
+            models = [m for m in ("en_core_web_sm", "en_core_web_lg") if spacy.util.is_package(m)]
             _nlp = spacy.load(models[0]) if models else False
         except ImportError:
             _nlp = False
     if _nlp:
-        return {t.text.lower() for t in _nlp(title) if t.pos_ in ("NOUN", "PROPN")}
+        return [t.text.lower() for t in _nlp(title) if t.pos_ in ("NOUN", "PROPN")]
     # fallback without spaCy: every alphabetic non-function word (see the module docstring)
-    return {w for w in re.findall(r"[a-z]+", title.lower()) if len(w) > 1 and w not in FUNCTION_WORDS}
+    return [w for w in re.findall(r"[a-z]+", title.lower()) if len(w) > 1 and w not in FUNCTION_WORDS]
 
 
 def type_reward(product: dict, goal: dict) -> dict:
@@ -252,7 +280,8 @@ def type_reward(product: dict, goal: dict) -> dict:
     cats = [{c.strip() for c in x["product_category"].split("›")} for x in (product, goal)]
     category_match = len(cats[0] & cats[1]) >= 2
     wanted = title_nouns(goal["name"])
-    title_score = len(title_nouns(product["name"]) & wanted) / len(wanted) if wanted else 0.2
+    # shared distinct nouns over the goal's noun count with repeats (the original's list): "cat toy cat" vs "cat" = 1/3
+    title_score = len(set(title_nouns(product["name"])) & set(wanted)) / len(wanted) if wanted else 0.2
     r_type = 1.0 if (query_match or category_match or title_score > 0.2) else 0.5
     if title_score < 0.1:
         r_type = 0.1
@@ -262,30 +291,39 @@ def type_reward(product: dict, goal: dict) -> dict:
 
 
 def in_text(s: str, product: dict) -> bool:
-    """The original's last resort: the phrase appears in the title, the bullets or the description."""
+    """The original's last resort for an attribute: it appears in the title, the bullets or the description."""
     texts = (product["Title"], " ".join(product["BulletPoints"]), product["Description"])
     return any(s in t.lower() for t in texts)
+
+
+def option_reward(chosen: list[str], goal_options) -> tuple[float | None, int]:
+    """The goal's options that some chosen option matches (fuzzy > 85, sizes too), counted over the goal's options.
+    A synthetic goal's dict reaches the matcher as (name, value) pairs, as in the original: "('color', 'navy blue')"
+    gives the tokens "color navy blue" (see the module docstring). Human goals list plain values."""
+    wanted = list(goal_options.items()) if isinstance(goal_options, dict) else list(goal_options)
+    chosen = [normalize_color(o) for o in chosen]
+    hits = sum(any(fuzzy(p, normalize_color(g)) > 85 for p in chosen) for g in wanted)
+    return (hits / len(wanted) if wanted else None), hits
 
 
 def get_reward(product: dict, goal: dict, price: float, options: dict) -> tuple[float, dict]:
     info = type_reward(product, goal)
     attrs = goal["attributes"]
     n_attr = sum(any(fuzzy(p, g) > 85 for p in product["Attributes"]) or in_text(g, product) for g in attrs)
-    wanted = goal["goal_options"]
-    wanted = [normalize_color(o) for o in (wanted.values() if isinstance(wanted, dict) else wanted)]
-    n_opt = 0
-    for name, value in options.items():
-        value = normalize_color(value)
-        if name.lower() == "size":  # sizes must match exactly
-            hit = value in wanted
-        else:
-            hit = any(fuzzy(g, value) > 85 for g in wanted)
-        n_opt += hit or in_text(value, product)
+    r_option, n_opt = option_reward(list(options.values()), goal["goal_options"])
     price_ok = price <= goal["price_upper"]
-    total = len(attrs) + len(wanted) + 1
+    total = len(attrs) + len(goal["goal_options"]) + 1
     reward = (n_attr + n_opt + price_ok) / total * info["r_type"]
-    info.update(r_att=n_attr / len(attrs), r_option=n_opt / len(wanted) if wanted else None, r_price=price_ok)
+    info.update(r_att=n_attr / len(attrs), r_option=r_option, r_price=price_ok)
     return reward, info
+
+
+def split_ranges(n_goals: int) -> dict[str, range]:
+    """The authors' split (train on sessions 0-4095, test on the 100 after them; the original WebShop papers test on
+    0-499 instead) on n goals; on fewer than 4,196 goals, test is the last min(100, n // 5), train the rest."""
+    n_test = min(N_TEST, n_goals // 5)
+    n_train = min(N_TRAIN, n_goals - n_test)
+    return {"train": range(n_train), "test": range(n_train, n_train + n_test)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -326,12 +364,11 @@ class WebShop:
         if not self.goals:  # an empty or mismatched products file: no task at all, say so rather than score 0 of 0
             raise ValueError(f"{products_path} gives no WebShop task (no products with instructions): check the data files")
         random.Random(GOAL_SHUFFLE_SEED).shuffle(self.goals)
-        self.n_test = min(500, len(self.goals) // 5)
         self.search = SearchEngine(self.products)
         self.goal, self.s = None, None
 
     def tasks(self, split: str) -> list[str]:
-        ranges = {"test": range(self.n_test), "train": range(self.n_test, len(self.goals))}
+        ranges = split_ranges(len(self.goals))
         if split not in ranges:
             raise ValueError(f"webshop has splits {self.splits}, not {split!r}")
         return [f"goal-{i}" for i in ranges[split]]
