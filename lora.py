@@ -7,6 +7,10 @@ gradients are the adapter's, and the base stays in the dtype it was loaded in (b
 `inject_adapter_in_model`), so the student stays the same transformers class and every other file's code path
 (`model.base_model`, `get_output_embeddings`, the Decoder, gradient checkpointing) is unchanged.
 
+`--rollout vllm` gets merged weights (`merged_state_dict`) after every update, under the plain model's names: the
+engine stays a plain model, with no LoRA kernels and no per-request adapter, and the policy it samples is the one
+trained (vLLM's own LoRA serving would need the adapter saved to disk and loaded each step, and caps the rank).
+
 A LoRA checkpoint directory holds adapter_config.json + adapter_model.safetensors (peft's own format and key names,
 so `peft.PeftModel.from_pretrained(base, ckpt)` reads it too), the tokenizer and tcod's trainer.pt; it names its base
 model in adapter_config.json (`base_model_name_or_path`). `models.load_model` loads one as base + merged adapter.
@@ -133,6 +137,24 @@ def load_adapter_weights(model, path: str) -> None:
     if missing or result.unexpected_keys or len(state) != len(loaded):
         raise ValueError(f"{path}: the adapter does not match the model's LoRA layers (missing {missing[:3]}, "
                          f"unexpected {list(result.unexpected_keys)[:3]}); were --lora-rank/--lora-targets changed?")
+
+
+def merged_state_dict(model) -> dict:
+    """The adapted model's weights under the plain model's names (W + scale * B @ A in each adapted layer, in the
+    base's dtype; no lora_ tensors), leaving the model as it is: what a plain engine loads (vllm_engine.sync)."""
+    require_peft()
+    from peft.tuners.lora import LoraLayer
+
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if ".lora_" not in name:
+            state[name.replace(".base_layer.", ".")] = tensor
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, LoraLayer):
+                w = module.get_base_layer().weight
+                state[f"{name}.weight"] = (w.float() + module.get_delta_weight(ADAPTER).float()).to(w.dtype)
+    return state
 
 
 def merge(model):

@@ -147,6 +147,42 @@ def test_checkpoint_loads_as_base_plus_adapter_and_merges_to_a_plain_model(model
         torch.testing.assert_close(models.load_model(out, "float32", "cpu")(ids).logits, want, atol=1e-5, rtol=1e-5)
 
 
+def test_the_vllm_engine_gets_merged_weights_under_the_plain_names(model_dirs):
+    """--rollout vllm with a LoRA student: sync sends base + adapter merged, under a plain model's names, and a plain
+    model holding them computes the adapted model's logits (vllm_engine.sync, driven here with a recording engine)."""
+    import vllm_engine
+
+    student_dir, _ = model_dirs
+    adapted = lora.add_lora(models.load_model(student_dir, "float32", "cpu"), 4)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for n, p in adapted.named_parameters():
+            if ".lora_B." in n:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    sent = {}
+
+    class Recorder:
+        def collective_rpc(self, method, kwargs):
+            sent[method] = dict(kwargs["weights_iterator"])
+
+        def reset_prefix_cache(self):
+            sent["reset"] = True
+
+    engine = vllm_engine.VLLMEngine.__new__(vllm_engine.VLLMEngine)
+    engine.llm = Recorder()
+    engine.sync(adapted)
+    plain = models.load_model(student_dir, "float32", "cpu")
+    weights = sent["reload_weights"]
+    assert set(weights) == set(plain.state_dict()) and sent["reset"]
+    ids = torch.tensor([[1, 5, 9, 2, 7, 3]])
+    with torch.no_grad():
+        want, base = adapted(ids).logits, plain(ids).logits
+        plain.load_state_dict(weights)
+        torch.testing.assert_close(plain(ids).logits, want, atol=1e-5, rtol=1e-5)
+    assert (want - base).abs().max() > 1e-3  # the adapter matters, so the equality says the merge was sent
+    assert any(".lora_" in n for n, _ in adapted.named_parameters())  # the student keeps training as LoRA
+
+
 def test_bad_lora_settings_are_rejected():
     for kw, flag in ((dict(rank=-1), "lora-rank"), (dict(alpha=float("nan")), "lora-alpha"),
                      (dict(dropout=1.0), "lora-dropout"), (dict(targets=()), "lora-targets")):

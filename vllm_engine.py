@@ -9,7 +9,8 @@ random numbers: a run is exact on one engine, not across them).
 
 Weights: the engine starts from the student's directory (the checkpoint on resume) and gets the student's weights
 after every update (`sync`: vLLM's reload_weights, then its prefix cache is dropped, since KV computed with the old
-weights would be stale). The teacher stays a transformers forward: it scores a whole trajectory in one pass
+weights would be stale). A LoRA student's engine starts from the base model and gets base + adapter merged
+(lora.merged_state_dict) at start and after every update. The teacher stays a transformers forward: it scores a whole trajectory in one pass
 (`opd.teacher_logprobs`), where vLLM would score prompt log-probs turn by turn.
 
 Memory: on a GPU the engine takes `memory` (vLLM's gpu_memory_utilization) of the device for its weights and KV
@@ -46,7 +47,10 @@ class VLLMEngine:
     @torch.no_grad()
     def sync(self, model) -> None:
         """Load the student's current weights into the engine and drop the KV computed with the old ones."""
-        weights = list(model.state_dict().items())  # tied embeddings: state_dict holds lm_head.weight too
+        import lora  # a LoRA student: base + adapter merged, under the plain names the engine knows
+
+        state = lora.merged_state_dict(model) if lora.is_lora(model) else model.state_dict()
+        weights = list(state.items())  # tied embeddings: state_dict holds lm_head.weight too
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.llm.reset_prefix_cache()
 
