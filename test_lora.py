@@ -27,12 +27,16 @@ TARGETS = ("q_proj", "v_proj", "down_proj")
 def lora_student(tok, rank=2, targets=TARGETS, seed=0, random_b=True):
     """A tiny student with adapters; B is randomised (it starts at zero, which would make A's gradient zero)."""
     model = lora.add_lora(make_model(tok, seed), rank, targets=targets)
-    if random_b:
-        g = torch.Generator().manual_seed(123)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if ".lora_B." in n:
-                    p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return randomize_b(model, 123, 0.3) if random_b else model
+
+
+def randomize_b(model, seed: int, scale: float):
+    """B ~ scale * N(0, 1) in every adapter, so that the adapter changes the model's outputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_B." in n:
+                p.copy_(scale * torch.randn(p.shape, generator=g))
     return model
 
 
@@ -119,12 +123,7 @@ def test_lora_run_resumes_exactly_and_checkpoints_hold_the_adapter_only(model_di
 def test_checkpoint_loads_as_base_plus_adapter_and_merges_to_a_plain_model(model_dirs, tmp_path):
     student_dir, teacher = model_dirs
     tok = models.load_tokenizers(student_dir, student_dir)
-    adapted = lora.add_lora(models.load_model(student_dir, "float32", "cpu"), 4)
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for n, p in adapted.named_parameters():
-            if ".lora_B." in n:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    adapted = randomize_b(lora.add_lora(models.load_model(student_dir, "float32", "cpu"), 4), 5, 0.2)
     ckpt = str(tmp_path / "ckpt")
     lora.save_model(adapted, ckpt)
     tok.save_pretrained(ckpt)
@@ -153,12 +152,7 @@ def test_the_vllm_engine_gets_merged_weights_under_the_plain_names(model_dirs):
     import vllm_engine
 
     student_dir, _ = model_dirs
-    adapted = lora.add_lora(models.load_model(student_dir, "float32", "cpu"), 4)
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for n, p in adapted.named_parameters():
-            if ".lora_B." in n:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    adapted = randomize_b(lora.add_lora(models.load_model(student_dir, "float32", "cpu"), 4), 7, 0.2)
     sent = {}
 
     class Recorder:
