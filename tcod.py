@@ -410,6 +410,7 @@ def run(args: Args, locks: list) -> dict:
                             max_new_tokens=args.max_new_tokens, think=args.think, prompt=args.prompt, engine=engine,
                             max_turns=args.max_turns, max_context=max_context, seed=args.seed + 1_000 * rank_seed, amp=amp,
                             desc=f"eval at step {step}" if lead else None)
+        track.kill_point("eval", step)  # a test hook (TCOD_KILL_AT); nothing otherwise
         episodes, kl_tokens = gather_episodes(dist, episodes, score_episodes(student, teacher, episodes, args.micro_batch, amp))
         klm = kl_metrics(kl_tokens, len(episodes), args.max_turns)
         if lead and args.transcript_episodes:
@@ -493,6 +494,7 @@ def run(args: Args, locks: list) -> dict:
             record(row)  # before the checkpoint: a kill in between only repeats this step
             if last or (n + 1) % args.save_every == 0:
                 save_checkpoint(args.out, student, tok, optimizer, curriculum, n + 1, bad_in_a_row)
+                track.kill_point("checkpoint", n)  # a test hook (TCOD_KILL_AT)
         if bad_in_a_row >= args.max_bad_steps:
             raise RuntimeError(
                 f"{bad_in_a_row} updates in a row were skipped (non-finite gradient or no student token, see 'skipped' "

@@ -1,16 +1,22 @@
-"""track.py: the metrics mirrored to TensorBoard and W&B (offline), resume without duplicate or lost steps, and
---no-eval. No network: W&B runs in offline mode."""
+"""track.py: the metrics mirrored to TensorBoard and W&B (offline), resume without duplicate or lost steps (also
+after a real SIGKILL, read back from W&B's own files), and --no-eval. No network: W&B runs in offline mode."""
 
 import glob
 import importlib.util
 import json
 import os
+import pathlib
+import signal
+import struct
+import subprocess
 import time
+import zlib
 
 import pytest
 
 import tcod
 import track
+from test_faults import cli
 from test_tcod import model_dirs, small_args, tok  # noqa: F401  (fixtures)
 
 needs_tb = pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard not installed")
@@ -82,10 +88,116 @@ def test_wandb_offline_run_files_and_resume_keeps_the_run_id(model_dirs, tmp_pat
             break
         time.sleep(0.2)
     assert not missing, missing
-    assert json.load(open(out / "track.json"))["last_step"] == 1
     tcod.main(small_args(tmp_path, student, teacher, steps=3, resume=True, track=("wandb",)))
-    assert json.load(open(out / "track.json")) == {"wandb_id": run_id, "last_step": 2}  # the same run, continued
-    assert len(glob.glob(str(out / "wandb" / f"offline-run-*-{run_id}"))) == 2  # one offline log per process
+    assert json.load(open(out / "track.json")) == {"wandb_id": run_id}  # the same run, continued
+    # one offline run in wandb/, the one `wandb sync` sees; the first process's is kept in wandb.replaced/
+    assert len(glob.glob(str(out / "wandb" / f"offline-run-*-{run_id}"))) == 1
+    assert len(glob.glob(str(out / "wandb.replaced" / f"offline-run-*-{run_id}"))) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# a SIGKILL at each point of a step, then --resume: what W&B and TensorBoard hold, read back from their own files
+
+LOG_HEADER, BLOCK = b":W&B\xe1\xbe\x00", 32768  # W&B's transaction log: a LevelDB-style log of protobuf Records
+
+
+def wandb_records(path: str):
+    """The Records of a .wandb file, as `wandb sync` reads them: 32 KiB blocks of chunks (crc32, length, type: full,
+    first, middle, last); a torn or corrupt chunk ends the file, like a kill mid-write."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = open(path, "rb").read()
+    assert data[:7] == LOG_HEADER, path
+    pos, parts = 7, b""
+    while pos + 7 <= len(data):
+        if BLOCK - pos % BLOCK < 7:  # a block's tail too short for a chunk header is padding
+            pos += BLOCK - pos % BLOCK
+            continue
+        crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        body = data[pos + 7:pos + 7 + length]
+        if kind not in (1, 2, 3, 4) or len(body) < length or zlib.crc32(body, zlib.crc32(bytes([kind]))) != crc:
+            return
+        pos += 7 + length
+        parts = body if kind in (1, 2) else parts + body
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(parts)
+            yield record
+
+
+def wandb_synced_rows(wandb_dir: str) -> list[dict]:
+    """The history rows `wandb sync <wandb_dir>` would upload: the files wandb's own sync command picks there (offline,
+    not yet synced), each history record as {name: value}."""
+    from wandb.cli.beta_sync import _find_wandb_files
+
+    files = _find_wandb_files([pathlib.Path(wandb_dir)], skip_synced=True, skip_online=True, verbose=False)
+    rows = []
+    for path in sorted(files):
+        for _ in range(300):  # the offline writer is a process of its own: wait (up to a minute) for it to close the log
+            if any(r.HasField("exit") for r in wandb_records(str(path))):
+                break
+            time.sleep(0.2)
+        for r in wandb_records(str(path)):
+            if r.HasField("history"):
+                rows.append({"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.history.item})
+    return rows
+
+
+@needs_wandb
+def test_resume_writes_one_offline_run_from_metrics_jsonl_and_warns_of_a_part_already_synced(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    old = out / "wandb" / "offline-run-20260101_000000-abc"
+    os.makedirs(old)
+    open(old / "run-abc.wandb.synced", "w").close()  # `wandb sync` ran on the killed process's part
+    with open(out / "track.json", "w") as f:
+        json.dump({"wandb_id": "abc", "last_step": 1}, f)  # as the old track.py wrote it
+    rows = [{"step": -1, "eval_success": 0.25}, {"step": 0, "traj_kl": 1.5, "kl_by_turn": [0.5, None]}]
+    with open(out / "metrics.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    with pytest.warns(UserWarning, match="synced already"):
+        tracker = track.Tracker(("wandb",), str(out), {}, resume=True, start=1)
+    tracker.log({"step": 1, "traj_kl": 0.5})
+    tracker.close()
+    assert os.listdir(out / "wandb.replaced") == [old.name] and json.load(open(out / "track.json")) == {"wandb_id": "abc"}
+    synced = wandb_synced_rows(str(out / "wandb"))
+    assert [(r["_step"], r["step"]) for r in synced] == [(0, -1), (1, 0), (2, 1)]
+    assert synced[1]["traj_kl"] == 1.5 and synced[1]["kl_by_turn/0"] == 0.5 and "kl_by_turn/1" not in synced[1]
+
+
+@needs_wandb
+@needs_tb
+@pytest.mark.parametrize("point", ["checkpoint:0", "checkpoint:1", "logged:1", "eval:3"])
+def test_sigkill_then_resume_leaves_every_row_once_in_wandb_and_tensorboard(model_dirs, tmp_path, point):  # noqa: F811
+    """checkpoint:n: killed just after the checkpoint of step n; logged:n: after step n's row went to metrics.jsonl
+    and the trackers, before its checkpoint; eval:3: during the final evaluation (after step 2), before its row."""
+    student, teacher = model_dirs
+    args = small_args(tmp_path, student, teacher, steps=3, track=("wandb", "tensorboard"))
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}  # not the W&B process of a test run here
+    env |= dict(OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true")
+    killed = subprocess.run(cli(args), env=env | {"TCOD_KILL_AT": point}, capture_output=True, text=True,
+                            start_new_session=True)  # a group of its own: the kill takes the run's processes
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    done = subprocess.run(cli(args) + ["--resume"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "run"
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [-1, 0, 1, 2]
+
+    synced = wandb_synced_rows(str(out / "wandb"))
+    assert sorted(r["step"] for r in synced if "step" in r) == [-1, 0, 1, 2], done.stderr[-3000:]  # each row, once
+    by_step = {r["step"]: r for r in synced if "step" in r}
+    for row in rows:
+        for key, value in track.scalars(row).items():
+            assert by_step[row["step"]][key] == pytest.approx(value), (row["step"], key)
+        assert by_step[row["step"]]["_step"] == row["step"] + 1
+    assert "curves/_type" in by_step[2]  # the figures go with the last row (an image is a nested value)
+
+    tb = tb_scalars(str(out / "tb"))
+    assert [s for s, _ in tb["traj_kl"]] == [1, 2, 3] and [s for s, _ in tb["eval_success"]] == [0, 3]
+    assert [v for _, v in tb["traj_kl"]] == pytest.approx([r["traj_kl"] for r in rows[1:]])
+    assert [v for _, v in tb["eval_success"]] == pytest.approx([rows[0]["eval_success"], rows[-1]["eval_success"]])
 
 
 @needs_tb
