@@ -55,7 +55,7 @@ def test_tensorboard_gets_every_metric_and_a_resume_has_no_duplicate_step(model_
     assert [s for s, _ in full["traj_kl"]] == [1, 2, 3]  # metrics step n at n + 1
     assert [s for s, _ in full["eval_success"]] == [0, 3]  # before training, and at the end
     assert [v for _, v in full["loss"]] == pytest.approx([r["loss"] for r in rows[1:]])
-    assert "kl_by_turn/0" in full and {"curves", "curves-heatmap"} <= set(full["_images"])
+    assert "kl_by_turn/0" in full and {"curves", "curves-heatmap", "curves-telemetry"} <= set(full["_images"])
 
     # killed after its step-1 checkpoint, when it had already logged step 1 and 2 (step 2 with a value of its own)
     tcod.main(small_args(tmp_path / "b", student, teacher, steps=2, track=("tensorboard",)))
