@@ -38,6 +38,7 @@ import torch
 import tyro
 from tqdm import tqdm
 
+import cli
 import rundir
 import rollout
 import tcod
@@ -302,4 +303,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    cli.run(lambda: main(tyro.cli(Args)))

@@ -22,6 +22,8 @@ import os
 
 import torch
 
+import cli
+
 PEFT_VERSION = "0.21.2"  # the version tested (requirements.txt)
 # Every linear projection of a Qwen2/Qwen3/Llama decoder layer: adapting attention and MLP both is what matches full
 # fine-tuning best at a given parameter budget; attention alone leaves the MLP, most of the weights, frozen.
@@ -179,4 +181,4 @@ if __name__ == "__main__":
     m.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     a = parser.parse_args()
     ckpt = os.path.join(a.ckpt, "ckpt") if os.path.isdir(os.path.join(a.ckpt, "ckpt")) else a.ckpt
-    print(f"merged {ckpt} into {merge_checkpoint(ckpt, a.out, a.dtype)}")
+    cli.run(lambda: print(f"merged {ckpt} into {merge_checkpoint(ckpt, a.out, a.dtype)}"))

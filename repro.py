@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import tyro
 from tqdm import tqdm
 
+import cli
 import plot
 import rundir
 
@@ -153,4 +154,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    cli.run(lambda: main(tyro.cli(Args)))

@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import time
+import warnings
 
 import torch
 
@@ -91,11 +92,35 @@ def keep_rows_before(path: str, step: int) -> None:
     os.replace(path + ".tmp", path)
 
 
+def read_jsonl(path: str, required: tuple[str, ...] = ()) -> tuple[list[dict], list[int]]:
+    """(rows, damaged line numbers) of a file written one fsynced JSON object per line. A torn last line (a kill
+    mid-write) is dropped silently; any other line that is not an object holding `required` is damaged."""
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    rows, damaged = [], []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict) and all(k in row for k in required):
+            rows.append(row)
+        elif i < len(lines):  # the last piece, with no newline after it, is a torn write: not damage
+            damaged.append(i)
+    return rows, damaged
+
+
 def read_metrics(path: str) -> list[dict]:
+    """A run's metrics rows; damaged lines are skipped, and named in a warning."""
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip().endswith("}")]  # a torn last line is dropped
+    rows, damaged = read_jsonl(path, ("step",))
+    if damaged:
+        warnings.warn(f"{path}: line{'s' * (len(damaged) > 1)} {', '.join(map(str, damaged[:5]))} "
+                      f"{'are' if len(damaged) > 1 else 'is'} damaged (not a metrics row) and skipped")
+    return rows
 
 
 # --------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import torch
 import tyro
 from tqdm import tqdm
 
+import cli
 import kl
 import models
 from rollout import Chat, Episode, evaluate, precision, trained_turns
@@ -311,6 +312,6 @@ def tiny_model_dir(name: str) -> str:
 if __name__ == "__main__":
     args = tyro.extras.subcommand_cli_from_dict({"baseline": BaselineArgs, "tiny": Args})
     if isinstance(args, BaselineArgs):
-        baseline(args)
+        cli.run(lambda: baseline(args))
     elif args.force or not os.path.isdir(os.path.join(args.out, "tiny-teacher" + recipe_suffix(args.env, args.noise))):
         build_tiny(args)

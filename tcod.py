@@ -29,6 +29,7 @@ import torch
 import tyro
 from tqdm import tqdm
 
+import cli
 import kl
 import lora
 import memory
@@ -40,7 +41,7 @@ from curriculum import Curriculum, Plan, check_demos_cover, load_demos
 from dist import Dist, gather_episodes
 from envs import EnvPool, check_java, env_class, eval_panel, make_env
 from prompts import Prompter, default_style
-from models import TINY, ModelError, tiny_env, check_models, load_model, load_tokenizers, resolve_model, size_warning
+from models import TINY, tiny_env, check_models, load_model, load_tokenizers, resolve_model, size_warning
 from opd import UpdateConfig, default_aggregation, episode_metrics, kl_metrics, score_episodes, update
 from rollout import Chat, evaluate, precision, rollout
 from rundir import (
@@ -531,7 +532,4 @@ def cli_args(argv: list[str]) -> Args:
 
 
 if __name__ == "__main__":
-    try:
-        main(cli_args(sys.argv[1:]))
-    except ModelError as e:  # a model that cannot work or cannot be had: one line, not a traceback
-        raise SystemExit(f"error: {e}")
+    cli.run(lambda: main(cli_args(sys.argv[1:])))
