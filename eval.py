@@ -174,6 +174,7 @@ def check_args(args: Args) -> None:
             raise ValueError(f"--{flag.replace('_', '-')} {value!r}: {flag} must be an integer >= {low}")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise ValueError(f"--temperature {args.temperature!r}: must be finite and >= 0 (0: greedy)")
+    tcod.check_seed(args.seed)
 
 
 def run_of(model: str) -> tuple[str, dict | None]:

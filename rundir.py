@@ -75,6 +75,11 @@ def last_checkpoint(out: str) -> str | None:
     return None
 
 
+def checkpoint_step(ckpt: str) -> int:
+    """The step a checkpoint holds, read without its tensors (memory-mapped): cheap at any model size."""
+    return torch.load(os.path.join(ckpt, "trainer.pt"), mmap=True, weights_only=False, map_location="cpu")["step"]
+
+
 def append_metrics(path: str, row: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")

@@ -45,7 +45,7 @@ from models import TINY, tiny_env, check_models, load_model, load_tokenizers, re
 from opd import UpdateConfig, default_aggregation, episode_metrics, kl_metrics, score_episodes, update
 from rollout import Chat, evaluate, precision, rollout
 from rundir import (
-    acquire_lock, append_metrics, check_resume, keep_rows_before, last_checkpoint, move_aside, read_run_args,
+    acquire_lock, append_metrics, check_resume, checkpoint_step, keep_rows_before, last_checkpoint, move_aside, read_run_args,
     release_lock, run_state, save_checkpoint, start_mode, write_json,
 )
 
@@ -235,6 +235,10 @@ def check_args(args: Args) -> None:
     def finite(x) -> bool:
         return isinstance(x, (int, float)) and math.isfinite(x)
 
+    check_seed(args.seed)
+    for flag in ("device", "teacher_device"):
+        if getattr(args, flag) is not None:
+            check_device(flag, getattr(args, flag))
     for flag in ("tasks_per_step", "micro_batch", "max_new_tokens", "steps", "save_every", "k_start", "eta",
                  "max_turns", "max_dwell", "max_bad_steps"):
         need(getattr(args, flag) >= 1, flag, "an integer >= 1")
@@ -264,6 +268,34 @@ def check_args(args: Args) -> None:
     if args.max_context is not None:
         need(args.max_context > args.max_new_tokens, "max_context", f"more than --max-new-tokens {args.max_new_tokens} "
              "plus a prompt")
+
+
+SEED_LIMIT = 2**32  # a step's seeds are seed * 100_003 + step (+ 1_000_003 * rank): far below torch's 2^64 limit
+
+
+def check_seed(seed) -> None:
+    if not (isinstance(seed, int) and 0 <= seed < SEED_LIMIT):
+        raise ValueError(f"--seed {seed!r}: must be an integer in [0, 2^32) (the seeds derived from it must stay below 2^64)")
+
+
+def check_device(flag: str, device: str) -> None:
+    """A device this machine has, before anything is written or loaded (a CUDA error at model load comes too late)."""
+    name = f"--{flag.replace('_', '-')} {device}"
+    try:
+        kind, index = torch.device(device).type, torch.device(device).index
+    except RuntimeError:
+        raise ValueError(f"{name}: not a torch device (cpu, cuda, cuda:N)") from None
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{name}: this machine has no CUDA GPU that torch can use; pass --{flag.replace('_', '-')} cpu, "
+                             "or run where there is one")
+        if index is not None and index >= count:
+            raise ValueError(f"{name}: this machine has {count} GPU{'s' * (count > 1)} (cuda:0 to cuda:{count - 1})")
+    elif kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{name}: MPS is not available on this machine")
+    elif kind not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"{name}: tcod runs on cpu, cuda or mps")
 
 
 def check_prompt_fits(prompt_tokens: int, max_new_tokens: int, max_context: int) -> None:
@@ -344,6 +376,8 @@ def run(args: Args, locks: list) -> dict:
     mode = start_mode(run_state(args.out), args.resume, args.out)
     changed = check_resume(read_run_args(args.out), asdict(args), args.out) if args.resume and mode != "fresh" else {}
     ckpt = last_checkpoint(args.out) if mode == "resume" else None
+    if ckpt and args.steps < (done := checkpoint_step(ckpt)):  # read without its tensors: cheap at any model size
+        raise ValueError(f"--steps {args.steps}: the checkpoint in {args.out} is already at step {done}; allowed: >= {done}")
     if dist:
         dist.barrier()  # every rank has checked the output dir before rank 0 writes to it
     metrics_path = os.path.join(args.out, "metrics.jsonl")
@@ -353,14 +387,9 @@ def run(args: Args, locks: list) -> dict:
             moved = move_aside(args.out, ("metrics.jsonl", "args.json", *track.FILES))
             print(f"{args.out}: a run that started but saved no checkpoint; starting it again from step 0"
                   + (f" (its files moved to {', '.join(moved)})" if moved else ""), file=sys.stderr)
-        if mode == "resume":
-            if changed:  # only RESUME_FREE flags: recorded, and args.json describes the run as it now goes on
-                with open(os.path.join(args.out, "resumes.jsonl"), "a") as f:
-                    f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "changed": changed}) + "\n")
-                print(f"--resume: changed {changed} (recorded in {args.out}/resumes.jsonl)", file=sys.stderr)
-        else:  # written before the models load: a kill from here on leaves a 'started' run, which starts again
+        if mode != "resume":  # written before the models load: a kill from here on leaves a 'started' run, which starts again
             open(metrics_path, "w").close()
-        write_json(os.path.join(args.out, "args.json"), asdict(args))
+            write_json(os.path.join(args.out, "args.json"), asdict(args))
     student_dtype, teacher_dtype, amp = precision(args.dtype, args.device)
     if args.lora_rank:  # a frozen base in the teacher's dtype plus float32 adapters; a checkpoint holds the adapter
         student = lora.add_lora(load_model(resolve_model(args.student), teacher_dtype, args.device), args.lora_rank,
@@ -381,10 +410,13 @@ def run(args: Args, locks: list) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         curriculum = Curriculum.from_state_dict(state["curriculum"])
         start, bad_in_a_row = state["step"], state.get("bad_in_a_row", 0)
-        if args.steps < start:
-            raise ValueError(f"--steps {args.steps}: the checkpoint in {args.out} is already at step {start}; allowed: >= {start}")
-        if lead:  # rows past the checkpoint belong to steps that will run again: drop them so each step appears once
-            keep_rows_before(metrics_path, start)
+        if lead:  # the resume can start: only now does the run change. Rows past the checkpoint belong to steps that
+            keep_rows_before(metrics_path, start)  # will run again: dropped, so each step appears once
+            if changed:  # only RESUME_FREE flags: recorded, and args.json describes the run as it now goes on
+                with open(os.path.join(args.out, "resumes.jsonl"), "a") as f:
+                    f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "changed": changed}) + "\n")
+                print(f"--resume: changed {changed} (recorded in {args.out}/resumes.jsonl)", file=sys.stderr)
+            write_json(os.path.join(args.out, "args.json"), asdict(args))
 
     envs = EnvPool(args.env, env_kwargs, args.env_workers, step_timeout=args.env_timeout)
     engine = None
