@@ -180,10 +180,9 @@ def check_args(args: Args) -> None:
 def run_of(model: str) -> tuple[str, dict | None]:
     """A tcod run directory -> (its last checkpoint, its args.json); a checkpoint of a run -> (itself, the run's args)."""
     if os.path.isdir(model) and rundir.read_run_args(model) is not None:
-        ckpt = rundir.last_checkpoint(model)
-        if ckpt is None:
+        if rundir.last_checkpoint(model) is None:
             raise FileNotFoundError(f"--model {model!r} is a tcod run without a checkpoint yet: nothing to evaluate")
-        return ckpt, rundir.read_run_args(model)
+        return rundir.usable_checkpoint(model), rundir.read_run_args(model)
     parent = os.path.dirname(os.path.normpath(model))
     if os.path.isdir(model) and parent and rundir.read_run_args(parent) is not None:
         return model, rundir.read_run_args(parent)

@@ -55,6 +55,8 @@ def save_checkpoint(out: str, student, tok, optimizer, curriculum, step: int, ba
         lora.save_model(student, tmp)  # a LoRA student: its adapter only
         tok.save_pretrained(tmp)
         torch.save({"optimizer": optimizer.state_dict(), "curriculum": curriculum.state_dict(), "step": step, "bad_in_a_row": bad_in_a_row}, os.path.join(tmp, "trainer.pt"))
+        if os.path.isfile(os.path.join(out, "args.json")):  # a copy: a damaged args.json does not lose the run
+            shutil.copy(os.path.join(out, "args.json"), tmp)
     except (OSError, RuntimeError) as e:
         if not disk_full(e):
             raise
@@ -75,6 +77,64 @@ def last_checkpoint(out: str) -> str | None:
     return None
 
 
+def file_problem(path: str) -> str | None:
+    """What makes one checkpoint file unusable, found without loading it: JSON that does not parse, a safetensors
+    file shorter than its header says, a torch file (trainer.pt, *.bin) that is not a whole archive; None if sound."""
+    try:
+        if path.endswith(".json"):
+            with open(path) as f:
+                json.load(f)
+        elif path.endswith(".safetensors"):
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                if 8 + n > size:
+                    return "cut short (its header is incomplete)"
+                header = json.loads(f.read(n))
+            end = 8 + n + max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if end != size:
+                return f"cut short ({size} bytes where its header describes {end})"
+        elif path.endswith((".pt", ".bin")):
+            torch.load(path, mmap=True, weights_only=False, map_location="cpu")
+    except Exception as e:  # whatever the reader's complaint, the file cannot be used
+        return f"unreadable ({type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''})"
+    return None
+
+
+def checkpoint_problem(ckpt: str) -> str | None:
+    """What is damaged in a checkpoint directory (checked before any model loads), or None."""
+    names = sorted(os.listdir(ckpt))
+    if "trainer.pt" not in names:
+        return "trainer.pt is missing"
+    if not any(n.endswith((".safetensors", ".bin")) for n in names):
+        return "it holds no weights"
+    for name in names:
+        if problem := file_problem(os.path.join(ckpt, name)):
+            return f"{name} is {problem}"
+    return None
+
+
+def usable_checkpoint(out: str) -> str:
+    """The checkpoint to continue from: ckpt, or ckpt.old when ckpt is damaged (a warning says so); when neither is
+    whole, an error naming the damage and the command that starts the run again."""
+    damaged = []
+    for name in ("ckpt", "ckpt.old"):
+        path = os.path.join(out, name)
+        if not os.path.isdir(path):
+            continue
+        problem = checkpoint_problem(path)
+        if problem is None:
+            if damaged:
+                warnings.warn(f"{damaged[0]}: continuing from {path} (step {checkpoint_step(path)}) instead")
+            return path
+        damaged.append((path, problem))
+    if not damaged:
+        raise FileNotFoundError(f"{out} holds no checkpoint")
+    moves = " && ".join(f"mv {p} {p}.damaged" for p, _ in damaged)
+    raise ValueError("; ".join(f"{p} is damaged: {why}" for p, why in damaged) + ". No whole checkpoint is left: to "
+                     f"start the run again from step 0 (its files kept as *.old): {moves} && python tcod.py --resume --out {out}")
+
+
 def checkpoint_step(ckpt: str) -> int:
     """The step a checkpoint holds, read without its tensors (memory-mapped): cheap at any model size."""
     return torch.load(os.path.join(ckpt, "trainer.pt"), mmap=True, weights_only=False, map_location="cpu")["step"]
@@ -88,8 +148,14 @@ def append_metrics(path: str, row: dict) -> None:
 
 
 def keep_rows_before(path: str, step: int) -> None:
-    """Rows of steps >= step will run again: drop them, through a new file and a rename (a crash keeps the old file)."""
-    rows = [r for r in read_metrics(path) if r["step"] < step]
+    """Rows of steps >= step will run again: drop them, through a new file and a rename (a crash keeps the old file).
+    Damaged lines are dropped too, the whole old file kept beside it."""
+    rows, damaged = read_jsonl(path, ("step",)) if os.path.exists(path) else ([], [])
+    if damaged:
+        shutil.copy(path, f"{path}.{time.strftime('%Y%m%d-%H%M%S')}.damaged")
+        warnings.warn(f"{path}: damaged line{'s' * (len(damaged) > 1)} {damaged[:5]} dropped (the whole file is kept as "
+                      f"{path}.*.damaged)")
+    rows = [r for r in rows if r["step"] < step]
     with open(path + ".tmp", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
         f.flush()
@@ -141,14 +207,34 @@ RESUME_FREE = ("steps", "device", "teacher_device", "env_workers", "env_timeout"
                "track", "eval", "vllm_memory")
 
 
-def read_run_args(out: str) -> dict | None:
-    """A run's args.json, or None when there is none or it is not one tcod wrote."""
+def read_args_file(path: str) -> tuple[dict | None, str | None]:
+    """(the args tcod wrote in path, None) or (None, what is wrong with it); (None, None): a JSON file not tcod's."""
     try:
-        with open(os.path.join(out, "args.json")) as f:
+        with open(path) as f:
             data = json.load(f)
-    except (OSError, ValueError):
+    except ValueError as e:
+        return None, f"not valid JSON: {e}"
+    return (data if isinstance(data, dict) and all(k in data for k in RUN_KEYS) else None), None
+
+
+def read_run_args(out: str) -> dict | None:
+    """A run's args.json, or None when there is none or it is not one tcod wrote. A damaged one (cut short, garbled)
+    in a directory that holds a run is replaced by the copy in its checkpoint, with a warning, or named in an error."""
+    path = os.path.join(out, "args.json")
+    if not os.path.isfile(path):
         return None
-    return data if isinstance(data, dict) and all(k in data for k in RUN_KEYS) else None
+    data, problem = read_args_file(path)
+    if problem is None:
+        return data
+    for name in ("ckpt", "ckpt.old"):
+        copy = os.path.join(out, name, "args.json")
+        if os.path.isfile(copy) and (saved := read_args_file(copy)[0]) is not None:
+            warnings.warn(f"{path} is damaged ({problem}): using the copy saved with the checkpoint, {copy}")
+            return saved
+    if any(os.path.exists(os.path.join(out, n)) for n in ("ckpt", "ckpt.old", "metrics.jsonl")):
+        raise ValueError(f"{path} is damaged ({problem}), and no checkpoint holds a copy of it (older versions kept "
+                         f"none): restore it from a backup, then `python tcod.py --resume --out {out}` continues the run")
+    return None  # not a run: someone's own file
 
 
 def run_state(out: str) -> str:

@@ -46,7 +46,7 @@ from opd import UpdateConfig, default_aggregation, episode_metrics, kl_metrics, 
 from rollout import Chat, evaluate, precision, rollout
 from rundir import (
     acquire_lock, append_metrics, check_resume, checkpoint_step, keep_rows_before, last_checkpoint, move_aside, read_run_args,
-    release_lock, run_state, save_checkpoint, start_mode, write_json,
+    release_lock, run_state, save_checkpoint, start_mode, usable_checkpoint, write_json,
 )
 
 
@@ -375,7 +375,7 @@ def run(args: Args, locks: list) -> dict:
 
     mode = start_mode(run_state(args.out), args.resume, args.out)
     changed = check_resume(read_run_args(args.out), asdict(args), args.out) if args.resume and mode != "fresh" else {}
-    ckpt = last_checkpoint(args.out) if mode == "resume" else None
+    ckpt = usable_checkpoint(args.out) if mode == "resume" else None  # a damaged one is named before anything loads
     if ckpt and args.steps < (done := checkpoint_step(ckpt)):  # read without its tensors: cheap at any model size
         raise ValueError(f"--steps {args.steps}: the checkpoint in {args.out} is already at step {done}; allowed: >= {done}")
     if dist:

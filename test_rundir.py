@@ -67,3 +67,62 @@ def test_a_seed_out_of_range_is_refused_before_models_load(tmp_path, seed, monke
     with pytest.raises(ValueError, match=f"--seed {seed}: must be an integer in"):
         tcod.main(small_args(tmp_path, "tiny-student", "tiny-teacher", seed=seed))
     assert not os.path.exists(tmp_path / "run")
+
+
+# --------------------------------------------------------------------------------------------------
+# pattern: one damaged file (args.json, trainer.pt, weights, a metrics line) made a good run unrecoverable
+
+
+def cut(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.fixture
+def no_models(monkeypatch):
+    monkeypatch.setattr(tcod, "load_model", lambda *a, **k: pytest.fail("loaded a model before the damage was found"))
+
+
+@pytest.mark.parametrize("name, says", [("trainer.pt", "trainer.pt is unreadable"), ("model.safetensors", "model.safetensors is cut short"),
+                                        ("config.json", "config.json is unreadable")])
+def test_a_damaged_checkpoint_is_named_before_models_load(tmp_path, model_dirs, two_steps, no_models, name, says):  # noqa: F811
+    cut(two_steps / "ckpt" / name)
+    before = snapshot(two_steps)
+    with pytest.raises(ValueError, match=f"ckpt is damaged: {says}") as e:
+        tcod.main(fast_args(tmp_path, model_dirs, steps=3, resume=True))
+    assert f"python tcod.py --resume --out {two_steps}" in str(e.value)  # the command that continues
+    assert snapshot(two_steps) == before
+
+
+def test_a_damaged_checkpoint_falls_back_to_a_whole_ckpt_old(tmp_path, model_dirs, two_steps):  # noqa: F811
+    import shutil
+
+    shutil.copytree(two_steps / "ckpt", two_steps / "ckpt.old")
+    cut(two_steps / "ckpt" / "model.safetensors")
+    with pytest.warns(UserWarning, match="continuing from .*ckpt.old \\(step 2\\)"):
+        tcod.main(fast_args(tmp_path, model_dirs, steps=3, resume=True))
+    assert rundir.checkpoint_problem(str(two_steps / "ckpt")) is None and rundir.checkpoint_step(str(two_steps / "ckpt")) == 3
+
+
+def test_a_damaged_args_json_uses_the_checkpoints_copy_or_says_what_to_do(tmp_path, model_dirs, two_steps, no_models):  # noqa: F811
+    cut(two_steps / "args.json")
+    with pytest.warns(UserWarning, match="args.json is damaged .*using the copy saved with the checkpoint"):
+        assert rundir.run_state(str(two_steps)) == "resumable"  # not 'foreign'
+    (two_steps / "ckpt" / "args.json").unlink()  # a run of an older version: no copy
+    with pytest.raises(ValueError, match="args.json is damaged .*no checkpoint holds a copy.*--resume --out"):
+        tcod.main(fast_args(tmp_path, model_dirs, steps=3, resume=True))
+
+
+def test_a_damaged_metrics_line_is_named_and_kept(tmp_path, model_dirs, two_steps):  # noqa: F811
+    path = two_steps / "metrics.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    lines[1] = lines[1][:20] + "\x00garbage}\n"  # one line in the middle, not the torn last one
+    path.write_text("".join(lines))
+    with pytest.warns(UserWarning, match="line 2 is damaged"):
+        rows = rundir.read_metrics(str(path))
+    assert [r["step"] for r in rows] == [-1, 1]
+    with pytest.warns(UserWarning, match=r"damaged line \[2\] dropped"):
+        tcod.main(fast_args(tmp_path, model_dirs, steps=3, resume=True))
+    assert [r["step"] for r in rundir.read_metrics(str(path))] == [-1, 1, 2]
+    kept = [p for p in two_steps.iterdir() if p.name.endswith(".damaged")]
+    assert len(kept) == 1 and kept[0].read_text() == "".join(lines)

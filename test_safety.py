@@ -409,7 +409,7 @@ def fake_run(root, name, model_dir, **run_args):
     """A tcod run directory whose checkpoint is model_dir (the run's args.json as tcod writes it)."""
     out = root / name
     shutil.copytree(model_dir, out / "ckpt")
-    (out / "ckpt" / "trainer.pt").write_bytes(b"")
+    torch.save({"step": 1}, out / "ckpt" / "trainer.pt")
     args = tcod.asdict(tcod.Args(**{**TINY, **run_args}))
     (out / "args.json").write_text(json.dumps(args))
     return str(out)
