@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import socket
+import threading
 import time
 import warnings
 
@@ -204,7 +205,8 @@ RUN_KEYS = ("env", "student", "teacher", "curriculum", "seed")  # an args.json h
 # are evaluated and saved. Every other difference would make a different experiment and is refused.
 RESUME_FREE = ("steps", "device", "teacher_device", "env_workers", "env_timeout", "micro_batch", "gradient_checkpointing",
                "eval_every", "save_every", "max_bad_steps", "out", "transcript_every", "transcript_episodes", "dry_run",
-               "track", "eval", "vllm_memory")
+               "track", "eval", "vllm_memory", "force")
+PER_INVOCATION = ("resume", "force", "dry_run")  # about this command only: never taken from a run's args.json
 
 
 def read_args_file(path: str) -> tuple[dict | None, str | None]:
@@ -269,7 +271,7 @@ def resume_differences(old: dict, new: dict) -> tuple[list[str], dict]:
     """(refused, allowed): the differences between a run's args.json and the new arguments, by RESUME_FREE."""
     refused, allowed = [], {}
     for key, value in new.items():
-        if key == "resume":
+        if key in PER_INVOCATION:
             continue
         value = json.loads(json.dumps(value))  # tuples as lists, as args.json holds them
         if key not in old or old[key] == value:  # a key the run's (older) args.json lacks cannot be compared
@@ -307,16 +309,31 @@ def move_aside(out: str, names: tuple[str, ...]) -> list[str]:
     return moved
 
 
+# The lock: <out>/lock names the pid and host of the running trainer, which refreshes the file's mtime every
+# HEARTBEAT_S seconds (a lease). A lock is live while its lease is fresh and, on this host, its process exists. A lock
+# whose lease ran out is stale whoever wrote it: a job preempted on another node of a cluster (whose process cannot be
+# checked from here), or a pid since reused by another program. The lease is long against the clock skew between
+# hosts that share a filesystem. --force takes a live-looking lock anyway, with a warning.
+HEARTBEAT_S = 60.0
+LEASE_S = 600.0
+_heartbeats: dict[str, threading.Event] = {}
+
+
 def lock_holder(path: str) -> str | None:
-    """Who holds a lock file ('pid N on HOST'), or None when it is stale: its process is gone, or it is this process."""
+    """Who holds a lock file ('pid N on HOST'), or None when it is stale: its lease ran out, its process is gone, or
+    it is this process."""
     try:
         with open(path) as f:
             pid, host = f.read().split()[:2]
         pid = int(pid)
+        age = time.time() - os.stat(path).st_mtime
     except (OSError, ValueError):
         return None  # unreadable: written by nothing that finished writing it (the lock is made by a rename)
+    if age > LEASE_S:
+        return None  # its holder stopped refreshing it: gone, wherever it ran
+    holder = f"pid {pid} on {host}, lease refreshed {age:.0f} s ago"
     if host != socket.gethostname():
-        return f"pid {pid} on {host}"  # cannot be checked from here: assume it runs
+        return holder  # cannot be checked from here: live while its lease is
     if pid == os.getpid():
         return None
     try:
@@ -325,11 +342,12 @@ def lock_holder(path: str) -> str | None:
         return None
     except PermissionError:
         pass  # alive, another user's
-    return f"pid {pid} on {host}"
+    return holder
 
 
-def acquire_lock(out: str) -> str:
-    """<out>/lock holds this process's pid; a second run on the directory is refused while that process lives."""
+def acquire_lock(out: str, force: bool = False) -> str:
+    """<out>/lock holds this process's pid, refreshed by a heartbeat thread until release_lock; a second run on the
+    directory is refused while the lock is live, unless force (a warning names the holder)."""
     os.makedirs(out, exist_ok=True)
     path, tmp = os.path.join(out, "lock"), os.path.join(out, f"lock.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
@@ -338,19 +356,46 @@ def acquire_lock(out: str) -> str:
         for _ in range(3):
             try:
                 os.link(tmp, path)  # atomic, and fails when the lock exists: two starts cannot both win
+                start_heartbeat(path)
                 return path
             except FileExistsError:
                 holder = lock_holder(path)
-                if holder:
+                if holder and not force:
                     raise RuntimeError(f"{out} is in use by another tcod run ({holder}); wait for it to end, or pass "
-                                       f"another --out (if no such run is going, delete {path})") from None
-                os.remove(path)  # stale: its process is gone
+                                       f"another --out. A lock is stale once not refreshed for {LEASE_S / 60:.0f} min; if "
+                                       "you know no such run is going, --force takes it over") from None
+                if holder:
+                    warnings.warn(f"--force: taking over the lock of {out} from {holder}; if that run is in fact still "
+                                  "going, both now write to the same directory and will corrupt it")
+                os.remove(path)  # stale (or forced): its holder is gone
         raise RuntimeError(f"could not take the lock {path}")
     finally:
         os.remove(tmp)
 
 
+def start_heartbeat(path: str) -> None:
+    """A daemon thread that refreshes the lock's mtime while it is this process's; release_lock stops it."""
+    stop = _heartbeats[path] = threading.Event()
+    mine = f"{os.getpid()} {socket.gethostname()}"
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_S):
+            try:
+                with open(path) as f:
+                    if f.read().strip() != mine:
+                        warnings.warn(f"the lock {path} was taken over by another process (--force): this run's writes "
+                                      "to the directory now collide with it")
+                        return
+                os.utime(path)
+            except OSError:
+                return  # removed (released, or the directory is gone)
+
+    threading.Thread(target=beat, name=f"lock heartbeat {path}", daemon=True).start()
+
+
 def release_lock(path: str) -> None:
+    if (stop := _heartbeats.pop(path, None)) is not None:
+        stop.set()
     try:
         with open(path) as f:
             mine = f.read().split()[:1] == [str(os.getpid())]

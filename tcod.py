@@ -45,7 +45,7 @@ from models import TINY, tiny_env, check_models, load_model, load_tokenizers, re
 from opd import UpdateConfig, default_aggregation, episode_metrics, kl_metrics, score_episodes, update
 from rollout import Chat, evaluate, precision, rollout
 from rundir import (
-    acquire_lock, append_metrics, check_resume, checkpoint_step, keep_rows_before, last_checkpoint, move_aside, read_run_args,
+    PER_INVOCATION, acquire_lock, append_metrics, check_resume, checkpoint_step, keep_rows_before, last_checkpoint, move_aside, read_run_args,
     release_lock, run_state, save_checkpoint, start_mode, usable_checkpoint, write_json,
 )
 
@@ -145,6 +145,9 @@ class Args:
     resume: bool = False
     """continue from <out>/ckpt; flags not given come from <out>/args.json, and only --steps and flags that do not
     change the result (devices, env workers and timeout, micro batch, eval/save intervals) may differ"""
+    force: bool = False
+    """take over <out>/lock even when it looks live (a warning names its holder): for a lock you know is left over, before
+    its 10-minute lease runs out; if its run is in fact going, both corrupt the directory"""
     device: str | None = None
     """torch device for the student (default: cuda if available, else cpu; under torchrun, cuda:LOCAL_RANK)"""
     teacher_device: str | None = None
@@ -382,7 +385,7 @@ def run(args: Args, locks: list) -> dict:
         dist.barrier()  # every rank has checked the output dir before rank 0 writes to it
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     if lead:
-        locks.append(acquire_lock(args.out))
+        locks.append(acquire_lock(args.out, args.force))
         if mode == "restart":  # started, never checkpointed: nothing to resume from, so start again at step 0
             moved = move_aside(args.out, ("metrics.jsonl", "args.json", *track.FILES))
             print(f"{args.out}: a run that started but saved no checkpoint; starting it again from step 0"
@@ -558,7 +561,7 @@ def cli_args(argv: list[str]) -> Args:
         typed |= {t[3:] for t in typed if t.startswith("no_")}  # --no-think sets think
         old = read_run_args(args.out or os.path.join("runs", f"{args.env}-{args.curriculum}-s{args.seed}")) or {}
         for f in fields(Args):
-            if f.name in old and f.name not in typed and f.name != "resume":
+            if f.name in old and f.name not in typed and f.name not in PER_INVOCATION:
                 setattr(args, f.name, tuple(old[f.name]) if isinstance(old[f.name], list) else old[f.name])
     return args
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
+import time
 
 import pytest
 import torch
@@ -95,8 +98,6 @@ def test_a_damaged_checkpoint_is_named_before_models_load(tmp_path, model_dirs, 
 
 
 def test_a_damaged_checkpoint_falls_back_to_a_whole_ckpt_old(tmp_path, model_dirs, two_steps):  # noqa: F811
-    import shutil
-
     shutil.copytree(two_steps / "ckpt", two_steps / "ckpt.old")
     cut(two_steps / "ckpt" / "model.safetensors")
     with pytest.warns(UserWarning, match="continuing from .*ckpt.old \\(step 2\\)"):
@@ -126,3 +127,49 @@ def test_a_damaged_metrics_line_is_named_and_kept(tmp_path, model_dirs, two_step
     assert [r["step"] for r in rundir.read_metrics(str(path))] == [-1, 1, 2]
     kept = [p for p in two_steps.iterdir() if p.name.endswith(".damaged")]
     assert len(kept) == 1 and kept[0].read_text() == "".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# pattern: a lock naming another host, or a reused pid, was live forever (a requeued job could never start)
+
+
+def lock_file(out, pid, host, age_s=0.0):
+    out.mkdir(exist_ok=True)
+    (out / "lock").write_text(f"{pid} {host}\n")
+    t = time.time() - age_s
+    os.utime(out / "lock", (t, t))
+
+
+def test_a_lock_is_a_lease_that_expires_wherever_its_holder_ran(tmp_path, no_models):
+    out = tmp_path / "run"
+    for pid, host in ((12345, "node-7"), (os.getppid(), socket.gethostname())):  # another node; a live pid of this host
+        lock_file(out, pid, host)
+        with pytest.raises(RuntimeError, match=f"in use by another tcod run \\(pid {pid} on {host}.*--force"):
+            tcod.main(small_args(tmp_path, "tiny-student", "tiny-teacher"))
+        assert not (out / "args.json").exists()
+        lock_file(out, pid, host, age_s=rundir.LEASE_S + 60)  # not refreshed for longer than the lease: stale
+        with pytest.raises(pytest.fail.Exception, match="loaded a model"):  # the run starts
+            tcod.main(small_args(tmp_path, "tiny-student", "tiny-teacher"))
+        shutil.rmtree(out)
+
+
+def test_force_takes_a_live_lock_with_a_warning(tmp_path, no_models):
+    out = tmp_path / "run"
+    lock_file(out, 12345, "node-7")
+    with pytest.warns(UserWarning, match="--force: taking over the lock .* from pid 12345 on node-7"):
+        with pytest.raises(pytest.fail.Exception, match="loaded a model"):
+            tcod.main(small_args(tmp_path, "tiny-student", "tiny-teacher", force=True))
+    assert "force" in rundir.PER_INVOCATION  # never taken from args.json by a later --resume
+
+
+def test_the_running_trainer_refreshes_its_lease(tmp_path, monkeypatch):
+    monkeypatch.setattr(rundir, "HEARTBEAT_S", 0.05)
+    path = rundir.acquire_lock(str(tmp_path))
+    old = time.time() - 3600
+    os.utime(path, (old, old))
+    deadline = time.time() + 10
+    while os.stat(path).st_mtime < time.time() - 60 and time.time() < deadline:
+        time.sleep(0.05)
+    assert os.stat(path).st_mtime > time.time() - 60  # refreshed by the heartbeat
+    rundir.release_lock(path)
+    assert not os.path.exists(path) and path not in rundir._heartbeats
