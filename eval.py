@@ -17,8 +17,8 @@ solved (the "hard" split, the paper's teacher-fails set: `--splits hard --demos 
 --model oracle plays each task's env-provided demonstration instead of a model: the ceiling of the panel.
 Writes <out>/episodes.jsonl as it goes (one row per finished episode, so a killed evaluation keeps its batches),
 then <out>/eval.json (the arguments as used: splits, horizon, think, max new tokens) and <out>/eval.md, and prints
-the Markdown table (per split, and per task type). An existing evaluation is never overwritten: the default <out>
-gets -2, -3, ...; an explicit --out that holds one is refused. A tcod run directory or its checkpoint as --model
+the Markdown table (per split, and per task type). Nothing is ever overwritten: the default <out> gets -2, -3, ...
+when taken; an explicit --out must be new or empty. A tcod run directory or its checkpoint as --model
 brings the run's env, think, max new tokens and horizon, unless given here.
 """
 
@@ -87,7 +87,7 @@ class Args:
     seed: int = 0
     """sampling seed"""
     out: str | None = None
-    """where eval.json goes (default: runs/eval-<env>-<model>, with -2, -3, ... when taken); never overwritten"""
+    """where eval.json goes: a new or empty directory (default: runs/eval-<env>-<model>, with -2, -3, ... when taken)"""
 
 
 def summarize(episodes, task_types: dict[str, str]) -> dict:
@@ -197,20 +197,6 @@ def model_label(model: str, run_args: dict | None) -> str:
     return os.path.basename(path)
 
 
-def out_dir(out: str | None, default: str) -> str:
-    """An explicit --out must not hold an evaluation; the default name gets -2, -3, ... when taken."""
-    taken = lambda d: any(os.path.exists(os.path.join(d, n)) for n in ("eval.json", "episodes.jsonl", "demos.json"))  # noqa: E731
-    if out is not None:
-        if taken(out):
-            raise FileExistsError(f"--out {out!r} already holds an evaluation: pass another --out (nothing is overwritten)")
-        return out
-    out, n = default, 1
-    while taken(out):
-        n += 1
-        out = f"{default}-{n}"
-    return out
-
-
 def main(args: Args) -> dict:
     check_args(args)
     oracle = args.model == ORACLE
@@ -239,7 +225,7 @@ def main(args: Args) -> dict:
     hard = tcod.load_demos(args.demos, args.env)["hard"] if "hard" in splits else None
     if args.env == "scienceworld":
         tcod.check_java()
-    out = out_dir(args.out, os.path.join("runs", f"eval-{args.env}-{model_label(model_path, run_args or None)}"))
+    out = rundir.new_output_dir(args.out, os.path.join("runs", f"eval-{args.env}-{model_label(model_path, run_args or None)}"))
     max_new_tokens = args.max_new_tokens or (32 if tiny else 512)
     think = (not tiny) if args.think is None else args.think
     prompt = args.prompt or default_style(args.env)
@@ -256,7 +242,6 @@ def main(args: Args) -> dict:
     max_turns = args.max_turns or env_cls.max_turns
     used = {**vars(args), "splits": list(splits), "max_turns": max_turns, "max_new_tokens": max_new_tokens,
             "think": think, "prompt": prompt, "model_path": model_path, "run": run_args or None, "out": out}
-    os.makedirs(out, exist_ok=True)
     episodes_path = os.path.join(out, "episodes.jsonl")  # one row per finished episode, appended per batch
     results, demos, replies, unsolved = {}, {}, {}, []
     try:

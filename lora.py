@@ -159,13 +159,13 @@ def merge(model):
 
 def merge_checkpoint(ckpt: str, out: str, dtype: str = "float32") -> str:
     """Base + adapter of a LoRA checkpoint -> `out`, a plain HF model directory (weights and tokenizer)."""
-    import models  # imported here: models.py imports this file
+    import models  # imported here: models.py and rundir.py import this file
+    import rundir
     from transformers import AutoTokenizer
 
     if not is_lora_checkpoint(ckpt):
         raise ValueError(f"{ckpt!r} is not a LoRA checkpoint (no {CONFIG}, or it is a full model)")
-    if os.path.exists(out) and os.listdir(out):
-        raise FileExistsError(f"{out!r} is not empty: pass a new directory")
+    rundir.new_output_dir(out, out, "OUT_DIR")
     model = models.load_model(ckpt, "float32", "cpu")  # base + adapter, merged in float32
     model.to(getattr(torch, dtype)).save_pretrained(out)
     AutoTokenizer.from_pretrained(ckpt).save_pretrained(out)

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 import threading
 import time
 import warnings
@@ -298,15 +299,58 @@ def write_json(path: str, data) -> None:
     os.replace(path + ".tmp", path)
 
 
-def move_aside(out: str, names: tuple[str, ...]) -> list[str]:
-    """Rename a started run's files to <name>.<time>.old (kept, never deleted); returns the new names."""
+def move_aside(out: str) -> list[str]:
+    """Rename every file of a started run (metrics, args, transcripts, tracker files, plots: all but the lock and what
+    was moved aside before) to <name>.<time>.old, kept, never deleted, so the run starts again in a clean directory
+    and no new file overwrites or mixes with an old one; returns the new names."""
     stamp, moved = time.strftime("%Y%m%d-%H%M%S"), []
-    for name in names:
+    for name in sorted(os.listdir(out)):
         path = os.path.join(out, name)
-        if os.path.exists(path):
+        if name != "lock" and not name.endswith((".old", ".damaged")):
             os.replace(path, f"{path}.{stamp}.old")
             moved.append(f"{path}.{stamp}.old")
     return moved
+
+
+# --------------------------------------------------------------------------------------------------
+# Output paths: the one rule every writer follows (tcod.py's run directory, eval.py, sft.py baseline, lora.py merge)
+
+
+def output_path(out: str, flag: str = "--out") -> str:
+    """Any writer's output path, checked before anything is written or loaded: a non-empty path, not a file, on a
+    filesystem this user can write to (a read-only one is named as such, not later taken for a full disk)."""
+    if not out.strip():
+        raise ValueError(f"{flag} {out!r}: an empty path; name a directory (or leave {flag} out for the default)")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise NotADirectoryError(f"{flag} {out!r} is a file, not a directory")
+    where = memory.existing_dir(out)
+    try:
+        with tempfile.TemporaryFile(dir=where):
+            pass
+    except OSError as e:
+        why = {errno.EROFS: "is on a read-only filesystem", errno.EACCES: "is not writable by this user (permission denied)",
+               errno.EPERM: "is not writable by this user (permission denied)"}.get(e.errno)
+        if why is None:
+            raise
+        raise OSError(e.errno, f"{flag} {out!r}: {where} {why}; pass a {flag} where you can write") from None
+    return out
+
+
+def new_output_dir(out: str | None, default: str, flag: str = "--out") -> str:
+    """The directory of a writer that makes something new (an evaluation, a fine-tuned or merged model): an explicit
+    one must be new or empty, since any file in it may be someone's; the default gets -2, -3, ... when taken. Made at
+    once, so a long job learns of a bad directory now rather than when it saves."""
+    if out is None:
+        out, n = default, 1
+        while os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+            n += 1
+            out = f"{default}-{n}"
+    output_path(out, flag)
+    if os.path.isdir(out) and (held := sorted(os.listdir(out))):
+        raise FileExistsError(f"{flag} {out!r} is not empty (it holds {', '.join(held[:4])}{', ...' * (len(held) > 4)}): "
+                              f"nothing is written into a directory that holds files, so none is overwritten; pass another {flag}")
+    os.makedirs(out, exist_ok=True)
+    return out
 
 
 # The lock: <out>/lock names the pid and host of the running trainer, which refreshes the file's mtime every

@@ -67,7 +67,7 @@ class BaselineArgs:
     seed: int = 0
     """data order"""
     out: str | None = None
-    """where the fine-tuned model goes (default: runs/sft-<env>-<model>)"""
+    """where the fine-tuned model goes: a new or empty directory (default: runs/sft-<env>-<model>, -2, -3, ... when taken)"""
 
 
 @dataclass
@@ -213,6 +213,9 @@ def baseline(args: BaselineArgs) -> str:
     from curriculum import load_demos
     from envs import make_env
 
+    import rundir
+
+    out = rundir.new_output_dir(args.out, os.path.join("runs", f"sft-{args.env}-{os.path.basename(os.path.normpath(args.model))}"))
     data = load_demos(args.demos, args.env)
     demos, replies = data["demos"], data.get("replies", {})
     tiny = args.model in models.TINY
@@ -232,7 +235,6 @@ def baseline(args: BaselineArgs) -> str:
     steps = math.ceil(args.epochs * len(kept) / args.batch)
     lr = args.lr or (1e-4 if tiny else 1e-5)
     losses = sft(model, kept, steps, lr, batch=args.batch, seed=args.seed, bf16=amp is not None, desc="sft baseline")
-    out = args.out or os.path.join("runs", f"sft-{args.env}-{os.path.basename(os.path.normpath(args.model))}")
     model.save_pretrained(out)
     tok.save_pretrained(out)
     print(f"{len(kept)} demonstrations ({len(data) - len(kept)} no longer succeed), {steps} steps, "

@@ -45,8 +45,8 @@ from models import TINY, tiny_env, check_models, load_model, load_tokenizers, re
 from opd import UpdateConfig, default_aggregation, episode_metrics, kl_metrics, score_episodes, update
 from rollout import Chat, evaluate, precision, rollout
 from rundir import (
-    PER_INVOCATION, acquire_lock, append_metrics, check_resume, checkpoint_step, keep_rows_before, last_checkpoint, move_aside, read_run_args,
-    release_lock, run_state, save_checkpoint, start_mode, usable_checkpoint, write_json,
+    PER_INVOCATION, acquire_lock, append_metrics, check_resume, checkpoint_step, keep_rows_before, last_checkpoint, move_aside,
+    output_path, read_run_args, release_lock, run_state, save_checkpoint, start_mode, usable_checkpoint, write_json,
 )
 
 
@@ -220,7 +220,7 @@ def resolve_args(args: Args) -> Args:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.out = args.out or os.path.join("runs", f"{args.env}-{args.curriculum}-s{args.seed}")
+    args.out = output_path(os.path.join("runs", f"{args.env}-{args.curriculum}-s{args.seed}") if args.out is None else args.out)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_args(args)
     if args.env == "scienceworld":
@@ -387,7 +387,7 @@ def run(args: Args, locks: list) -> dict:
     if lead:
         locks.append(acquire_lock(args.out, args.force))
         if mode == "restart":  # started, never checkpointed: nothing to resume from, so start again at step 0
-            moved = move_aside(args.out, ("metrics.jsonl", "args.json", *track.FILES))
+            moved = move_aside(args.out)
             print(f"{args.out}: a run that started but saved no checkpoint; starting it again from step 0"
                   + (f" (its files moved to {', '.join(moved)})" if moved else ""), file=sys.stderr)
         if mode != "resume":  # written before the models load: a kill from here on leaves a 'started' run, which starts again

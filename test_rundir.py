@@ -173,3 +173,72 @@ def test_the_running_trainer_refreshes_its_lease(tmp_path, monkeypatch):
     assert os.stat(path).st_mtime > time.time() - 60  # refreshed by the heartbeat
     rundir.release_lock(path)
     assert not os.path.exists(path) and path not in rundir._heartbeats
+
+
+# --------------------------------------------------------------------------------------------------
+# pattern: writers overwrote what they did not write (sft.py baseline, eval.py --out, a restarted run's transcripts)
+
+
+def test_sft_baseline_never_writes_into_a_directory_that_holds_files(tmp_path, model_dirs, two_steps, monkeypatch):  # noqa: F811
+    import sft
+
+    monkeypatch.setattr(sft.models, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    before = snapshot(two_steps)
+    with pytest.raises(FileExistsError, match="ckpt' is not empty .*config.json"):
+        sft.baseline(sft.BaselineArgs(demos=str(tmp_path / "demos.json"), out=str(two_steps / "ckpt")))
+    assert snapshot(two_steps) == before
+
+
+def test_eval_never_writes_into_a_directory_of_the_users(tmp_path, model_dirs, monkeypatch):  # noqa: F811
+    import eval as evaluation
+
+    monkeypatch.setattr(tcod, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "eval.md").write_text("my notes")
+    with pytest.raises(FileExistsError, match="is not empty .*eval.md"):
+        evaluation.main(evaluation.Args(model=model_dirs[0], out=str(mine)))
+    assert (mine / "eval.md").read_text() == "my notes" and os.listdir(mine) == ["eval.md"]
+
+
+def test_a_restarted_run_moves_every_old_file_aside(tmp_path, model_dirs, monkeypatch):  # noqa: F811
+    args = fast_args(tmp_path, model_dirs, steps=1, save_every=10, transcript_every=1)
+    with monkeypatch.context() as m:  # killed at its first save: transcripts and metrics, no checkpoint
+        m.setattr(tcod, "save_checkpoint", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            tcod.main(args)
+    out = tmp_path / "run"
+    old = {p.name: p.read_text() for p in (out / "transcripts").iterdir()}
+    assert old and rundir.run_state(str(out)) == "started"
+    tcod.main(fast_args(tmp_path, model_dirs, steps=1, save_every=10, transcript_every=1))
+    aside = [p for p in out.iterdir() if p.name.startswith("transcripts.") and p.name.endswith(".old")]
+    assert len(aside) == 1 and {p.name: p.read_text() for p in aside[0].iterdir()} == old  # kept, not mixed or overwritten
+    assert sorted(p.name for p in (out / "transcripts").iterdir()) == sorted(old)
+
+
+@pytest.mark.parametrize("script", ["tcod", "eval", "sft"])
+def test_an_empty_out_is_refused(tmp_path, script, monkeypatch):
+    import eval as evaluation
+    import sft
+
+    monkeypatch.chdir(tmp_path)
+    run = {"tcod": lambda: tcod.main(small_args(tmp_path, "tiny-student", "tiny-teacher", out="")),
+           "eval": lambda: evaluation.main(evaluation.Args(model="tiny-teacher", out="")),
+           "sft": lambda: sft.baseline(sft.BaselineArgs(demos="d.json", out=""))}[script]
+    with pytest.raises(ValueError, match="--out '': an empty path"):
+        run()
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_read_only_output_directory_is_named_not_taken_for_a_full_disk(tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 30, 1 << 30, 0))  # as a read-only mount reports
+    with pytest.raises(OSError, match="is on a read-only filesystem") as e:
+        tcod.main(small_args(tmp_path, "tiny-student", "tiny-teacher"))
+    assert "disk space" not in str(e.value) and not os.path.exists(tmp_path / "run")

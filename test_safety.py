@@ -427,7 +427,7 @@ def test_eval_of_run_checkpoints_uses_their_settings_and_never_overwrites(tmp_pa
     used = json.load(open("runs/eval-tinyworld-A-ckpt/eval.json"))["args"]
     assert (used["env"], used["splits"], used["max_turns"], used["max_new_tokens"], used["think"]) == ("tinyworld", ["test"], 3, 7, False)
     assert used["run"]["max_new_tokens"] == 7 and used["model_path"] == os.path.join(a, "ckpt")
-    with pytest.raises(FileExistsError, match="already holds an evaluation"):
+    with pytest.raises(FileExistsError, match="is not empty"):
         evaluation.main(evaluation.Args(model=a, limit=2, out="runs/eval-tinyworld-B-ckpt"))
 
 
