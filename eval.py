@@ -210,6 +210,9 @@ def main(args: Args) -> dict:
         max_new_tokens=args.max_new_tokens or run_args.get("max_new_tokens"),
         max_turns=args.max_turns or run_args.get("max_turns"),
     )
+    step = rundir.checkpoint_step(model_path) if os.path.isfile(os.path.join(model_path, "trainer.pt")) else None
+    if step is not None:
+        print(f"evaluating {model_path}: the checkpoint at step {step} of the run", file=sys.stderr)
     if run_args and args.env != run_args["env"]:
         print(f"note: {given.model} was trained on {run_args['env']}, evaluated here on {args.env}", file=sys.stderr)
     env_cls = env_class(args.env)
@@ -241,7 +244,8 @@ def main(args: Args) -> dict:
     envs = EnvPool(args.env, env_kwargs, tcod.default_workers(args.env) if args.env_workers is None else args.env_workers)
     max_turns = args.max_turns or env_cls.max_turns
     used = {**vars(args), "splits": list(splits), "max_turns": max_turns, "max_new_tokens": max_new_tokens,
-            "think": think, "prompt": prompt, "model_path": model_path, "run": run_args or None, "out": out}
+            "think": think, "prompt": prompt, "model_path": model_path, "run": run_args or None, "out": out,
+            "checkpoint_step": step}
     episodes_path = os.path.join(out, "episodes.jsonl")  # one row per finished episode, appended per batch
     results, demos, replies, unsolved = {}, {}, {}, []
     try:

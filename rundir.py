@@ -65,11 +65,25 @@ def save_checkpoint(out: str, student, tok, optimizer, curriculum, step: int, ba
         shutil.rmtree(tmp, ignore_errors=True)
         raise OSError(errno.ENOSPC, f"the disk is full: writing the step-{step} checkpoint to {tmp} failed ({e}); the last "
                       f"complete checkpoint in {out} is intact: free some space, then resume with --resume --out {out}") from e
+    follow_umask(tmp)
     if os.path.isdir(final):
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def follow_umask(path: str) -> None:
+    """Give a written directory the modes the user's umask asks for: some writers (safetensors through a temp file)
+    make 0600 files, which the user's group could not read under umask 022."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o777 & ~mask)
+    for root, dirs, files in os.walk(path):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~mask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~mask)
 
 
 def last_checkpoint(out: str) -> str | None:
@@ -210,11 +224,20 @@ RESUME_FREE = ("steps", "device", "teacher_device", "env_workers", "env_timeout"
 PER_INVOCATION = ("resume", "force", "dry_run")  # about this command only: never taken from a run's args.json
 
 
+def unique_keys(pairs: list) -> dict:
+    """json's object_pairs_hook for files a person may edit: a key given twice is an error, not the last one winning."""
+    keys = [k for k, _ in pairs]
+    if twice := sorted({k for k in keys if keys.count(k) > 1}):
+        raise ValueError(f"the key{'s' * (len(twice) > 1)} {', '.join(map(repr, twice))} appear{'s' * (len(twice) == 1)} "
+                         "more than once in one object (which one counts would be a guess)")
+    return dict(pairs)
+
+
 def read_args_file(path: str) -> tuple[dict | None, str | None]:
     """(the args tcod wrote in path, None) or (None, what is wrong with it); (None, None): a JSON file not tcod's."""
     try:
         with open(path) as f:
-            data = json.load(f)
+            data = json.load(f, object_pairs_hook=unique_keys)
     except ValueError as e:
         return None, f"not valid JSON: {e}"
     return (data if isinstance(data, dict) and all(k in data for k in RUN_KEYS) else None), None
@@ -290,6 +313,44 @@ def check_resume(old: dict, new: dict, out: str) -> dict:
         raise ValueError(f"--resume would change the experiment of {out}: " + "; ".join(refused) + ". Resume with the "
                          "run's own values (omit those flags), or start a new run with another --out")
     return allowed
+
+
+def check_weights(old: dict, weights: dict, out: str) -> None:
+    """The models a resume loads must be the run's: their fingerprints (fingerprint.py) against args.json's record."""
+    recorded = old.get("weights")
+    if recorded is None:
+        warnings.warn(f"{out}/args.json records no weight fingerprints (written by an older version): the "
+                      f"{' and '.join(weights)} cannot be checked against the run's; this resume records them")
+        return
+    differ = [r for r in weights if recorded.get(r) and weights[r] and recorded[r] != weights[r]]
+    if differ:
+        raise ValueError(f"--resume: the weights of the {' and '.join(differ)} changed since {out} was started ("
+                         + "; ".join(f"{old[r]}: {recorded[r]} in the run, {weights[r]} now" for r in differ)
+                         + "): the run would go on with another model. Restore the run's weights, or start a new run with another --out")
+
+
+def plan_start(out: str, resume: bool, new: dict, weights: dict) -> tuple[str, str | None, dict]:
+    """Everything a start must know before it writes or loads anything: (mode, the checkpoint to continue from, the
+    flags a resume changes). A resume that cannot start (other flags or weights, fewer steps than done, a damaged
+    checkpoint) is refused here, so a failed resume leaves the run as it was; `weights` holds the fingerprints of the
+    models the resume loads from their names."""
+    mode = start_mode(run_state(out), resume, out)
+    if not resume or mode == "fresh":
+        return mode, None, {}
+    old = read_run_args(out)
+    changed = check_resume(old, new, out)
+    missing = [k for k in new if k not in old and k not in PER_INVOCATION]
+    if missing:
+        warnings.warn(f"{out}/args.json has no {', '.join('--' + k.replace('_', '-') for k in missing)} (written by an older "
+                      f"version): the run goes on with today's {'values' if len(missing) > 1 else 'value'} "
+                      + ", ".join(f"{k}={new[k]!r}" for k in missing))
+    if mode != "resume":
+        return mode, None, changed
+    ckpt = usable_checkpoint(out)  # a damaged one is named before anything loads
+    if new["steps"] < (done := checkpoint_step(ckpt)):  # read without its tensors: cheap at any model size
+        raise ValueError(f"--steps {new['steps']}: the checkpoint in {out} is already at step {done}; allowed: >= {done}")
+    check_weights(old, weights, out)
+    return mode, ckpt, changed
 
 
 def write_json(path: str, data) -> None:

@@ -30,6 +30,7 @@ import tyro
 from tqdm import tqdm
 
 import cli
+import fingerprint
 import kl
 import lora
 import memory
@@ -45,8 +46,8 @@ from models import TINY, tiny_env, check_models, load_model, load_tokenizers, re
 from opd import UpdateConfig, default_aggregation, episode_metrics, kl_metrics, score_episodes, update
 from rollout import Chat, evaluate, precision, rollout
 from rundir import (
-    PER_INVOCATION, acquire_lock, append_metrics, check_resume, checkpoint_step, keep_rows_before, last_checkpoint, move_aside,
-    output_path, read_run_args, release_lock, run_state, save_checkpoint, start_mode, usable_checkpoint, write_json,
+    PER_INVOCATION, acquire_lock, append_metrics, check_weights, keep_rows_before, last_checkpoint, move_aside, output_path,
+    plan_start, read_run_args, release_lock, save_checkpoint, write_json,
 )
 
 
@@ -363,6 +364,9 @@ def run(args: Args, locks: list) -> dict:
     env = make_env(args.env, **env_kwargs)
     train_tasks = env.tasks("train")
     eval_tasks = eval_panel(env, env.eval_splits[0], args.eval_tasks)
+    if args.eval and len(eval_tasks) < args.eval_tasks:  # a smaller panel would be reported as if it were the one asked for
+        raise ValueError(f"--eval-tasks {args.eval_tasks}: {args.env}'s {env.eval_splits[0]} split has {len(eval_tasks)} "
+                         f"tasks; allowed: <= {len(eval_tasks)}")
     if args.tasks_per_step > len(train_tasks):
         raise ValueError(f"--tasks-per-step {args.tasks_per_step} is more than the {len(train_tasks)} training tasks")
     if file_demos is not None:
@@ -376,11 +380,9 @@ def run(args: Args, locks: list) -> dict:
     # B2F: task -> demonstration (None: none succeeds); from --demos, or made by the env when a task is first drawn
     demos = dict(file_demos or {})
 
-    mode = start_mode(run_state(args.out), args.resume, args.out)
-    changed = check_resume(read_run_args(args.out), asdict(args), args.out) if args.resume and mode != "fresh" else {}
-    ckpt = usable_checkpoint(args.out) if mode == "resume" else None  # a damaged one is named before anything loads
-    if ckpt and args.steps < (done := checkpoint_step(ckpt)):  # read without its tensors: cheap at any model size
-        raise ValueError(f"--steps {args.steps}: the checkpoint in {args.out} is already at step {done}; allowed: >= {done}")
+    weights = {"student": fingerprint.weights_id(args.student), "teacher": fingerprint.weights_id(args.teacher)}
+    loaded = ("teacher", "student") if args.lora_rank else ("teacher",)  # a full student resumes from the checkpoint
+    mode, ckpt, changed = plan_start(args.out, args.resume, asdict(args), {r: weights[r] for r in loaded})
     if dist:
         dist.barrier()  # every rank has checked the output dir before rank 0 writes to it
     metrics_path = os.path.join(args.out, "metrics.jsonl")
@@ -392,7 +394,7 @@ def run(args: Args, locks: list) -> dict:
                   + (f" (its files moved to {', '.join(moved)})" if moved else ""), file=sys.stderr)
         if mode != "resume":  # written before the models load: a kill from here on leaves a 'started' run, which starts again
             open(metrics_path, "w").close()
-            write_json(os.path.join(args.out, "args.json"), asdict(args))
+            write_json(os.path.join(args.out, "args.json"), asdict(args) | {"weights": weights})
     student_dtype, teacher_dtype, amp = precision(args.dtype, args.device)
     if args.lora_rank:  # a frozen base in the teacher's dtype plus float32 adapters; a checkpoint holds the adapter
         student = lora.add_lora(load_model(resolve_model(args.student), teacher_dtype, args.device), args.lora_rank,
@@ -401,6 +403,12 @@ def run(args: Args, locks: list) -> dict:
     else:
         student = load_model(ckpt or resolve_model(args.student), student_dtype, args.device)
     teacher = load_model(resolve_model(args.teacher), teacher_dtype, args.teacher_device or args.device).requires_grad_(False)
+    if None in weights.values():  # a hub model downloaded just now: its revision is known from here on
+        weights = {r: w or fingerprint.weights_id(getattr(args, r)) for r, w in weights.items()}
+        if mode == "resume":
+            check_weights(read_run_args(args.out), {r: weights[r] for r in loaded}, args.out)
+        elif lead:
+            write_json(os.path.join(args.out, "args.json"), asdict(args) | {"weights": weights})
     if args.gradient_checkpointing:
         student.gradient_checkpointing_enable()
     model_limit = min(getattr(m.config, "max_position_embeddings", 1 << 30) for m in (student, teacher))
@@ -419,7 +427,7 @@ def run(args: Args, locks: list) -> dict:
                 with open(os.path.join(args.out, "resumes.jsonl"), "a") as f:
                     f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "changed": changed}) + "\n")
                 print(f"--resume: changed {changed} (recorded in {args.out}/resumes.jsonl)", file=sys.stderr)
-            write_json(os.path.join(args.out, "args.json"), asdict(args))
+            write_json(os.path.join(args.out, "args.json"), asdict(args) | {"weights": weights})
 
     envs = EnvPool(args.env, env_kwargs, args.env_workers, step_timeout=args.env_timeout)
     engine = None

@@ -242,3 +242,77 @@ def test_a_read_only_output_directory_is_named_not_taken_for_a_full_disk(tmp_pat
     with pytest.raises(OSError, match="is on a read-only filesystem") as e:
         tcod.main(small_args(tmp_path, "tiny-student", "tiny-teacher"))
     assert "disk space" not in str(e.value) and not os.path.exists(tmp_path / "run")
+
+
+# --------------------------------------------------------------------------------------------------
+# pattern: silent acceptance (changed weights, an older args.json, a key given twice, a capped panel, 0600 files,
+# an evaluation that does not say what it evaluated)
+
+
+def test_a_resume_refuses_a_teacher_whose_weights_changed(tmp_path, model_dirs, two_steps, monkeypatch):  # noqa: F811
+    recorded = json.loads((two_steps / "args.json").read_text())["weights"]
+    assert recorded["teacher"].startswith("sha256:") and recorded["student"].startswith("sha256:")
+    import fingerprint
+
+    real = fingerprint.weights_id
+    monkeypatch.setattr(fingerprint, "weights_id", lambda name: "sha256:other" if name == model_dirs[1] else real(name))
+    monkeypatch.setattr(tcod, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    before = snapshot(two_steps)
+    with pytest.raises(ValueError, match="the weights of the teacher changed .*sha256:other now"):
+        tcod.main(fast_args(tmp_path, model_dirs, steps=3, resume=True))
+    assert snapshot(two_steps) == before
+
+
+def test_a_file_changed_in_place_changes_the_fingerprint(tmp_path):
+    import fingerprint
+
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"a" * 100)
+    first = fingerprint.weights_id(str(tmp_path))
+    assert fingerprint.weights_id(str(tmp_path)) == first  # the same files: the same id (from the cache)
+    (tmp_path / "model.safetensors").write_bytes(b"b" * 100)
+    assert fingerprint.weights_id(str(tmp_path)) != first
+
+
+def test_an_older_args_json_says_which_flags_it_lacks(tmp_path, model_dirs, two_steps):  # noqa: F811
+    old = json.loads((two_steps / "args.json").read_text())
+    for key in ("weights", "lora_rank", "prompt"):
+        del old[key]
+    (two_steps / "args.json").write_text(json.dumps(old))
+    with pytest.warns(UserWarning) as caught:
+        tcod.main(fast_args(tmp_path, model_dirs, steps=3, resume=True))
+    said = " ".join(str(w.message) for w in caught)
+    assert "has no --prompt, --lora-rank (written by an older version)" in said
+    assert "records no weight fingerprints" in said
+    assert "weights" in json.loads((two_steps / "args.json").read_text())  # recorded from now on
+
+
+def test_a_key_given_twice_in_a_demos_file_is_refused(tmp_path):
+    from curriculum import load_demos
+
+    path = tmp_path / "demos.json"
+    path.write_text('{"env": "tinyworld", "demos": {"t1": ["go"], "t1": ["look"]}}')
+    with pytest.raises(ValueError, match=f"--demos '{path}': the key 't1' appears more than once"):
+        load_demos(str(path), "tinyworld")
+
+
+def test_an_eval_panel_larger_than_the_split_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(tcod, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(ValueError, match="--eval-tasks 100000: tinyworld's test split has .* tasks; allowed: <="):
+        tcod.main(small_args(tmp_path, "tiny-student", "tiny-teacher", eval_tasks=100_000))
+
+
+def test_checkpoint_files_follow_the_umask(tmp_path, two_steps):
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (two_steps / "ckpt").iterdir()}
+    assert set(modes.values()) == {0o666 & ~mask}  # transformers wrote model.safetensors 0600 whatever the umask
+
+
+def test_eval_says_which_checkpoint_step_it_evaluated(tmp_path, two_steps, capsys, monkeypatch):
+    import eval as evaluation
+
+    monkeypatch.chdir(tmp_path)
+    evaluation.main(evaluation.Args(model=str(two_steps), limit=1, batch=1, out=str(tmp_path / "ev")))
+    assert f"evaluating {two_steps}/ckpt: the checkpoint at step 2 of the run" in capsys.readouterr().err
+    assert json.loads((tmp_path / "ev" / "eval.json").read_text())["args"]["checkpoint_step"] == 2
