@@ -100,3 +100,26 @@ def test_transcripts_say_why_there_is_nothing_to_show(tmp_path):
     assert "## t: success True" in transcripts.main([str(tmp_path), "--episodes", "3"])
     with pytest.raises(ValueError, match="--episodes 0"):
         transcripts.main([str(tmp_path), "--episodes", "0"])
+
+
+# --------------------------------------------------------------------------------------------------
+# pattern: the design card's command offline named only the student; the 15 GB teacher came up one download later
+
+
+def test_offline_the_design_cards_command_names_both_models_and_one_command(tmp_path, monkeypatch):
+    import tcod
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(tcod, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(models.ModelUnavailable) as e:
+        tcod.main(tcod.Args(env="webshop", student="Qwen2.5-1.5B", out=str(tmp_path / "run")))
+    msg = str(e.value)
+    assert "\n" not in msg and "the student 'Qwen2.5-1.5B' (Qwen/Qwen2.5-1.5B-Instruct, about 3 GB" in msg
+    assert "the teacher 'Qwen2.5-7B' (Qwen/Qwen2.5-7B-Instruct, about 15 GB" in msg
+    assert "the paper's teacher for qwen2.5 students, picked as no --teacher was given" in msg
+    assert "hf download Qwen/Qwen2.5-1.5B-Instruct && hf download Qwen/Qwen2.5-7B-Instruct" in msg
+    # a teacher the user named is not explained, and a student that is at hand is not listed
+    with pytest.raises(models.ModelUnavailable) as e:
+        models.check_models("tiny-student", "Qwen2.5-7B")
+    assert "picked" not in str(e.value) and "tiny" not in str(e.value)
