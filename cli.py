@@ -46,6 +46,9 @@ def run(main) -> None:
     """Call main(); a user error ends the process with its one-line message and exit status 2."""
     try:
         main()
+    except KeyboardInterrupt:  # Ctrl-C, or a scheduler's SIGINT: not a bug; what was saved is said by the script's docs
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     except Exception as e:
         if not raised_on_purpose(e) or os.environ.get("TCOD_TRACEBACK"):
             raise

@@ -44,10 +44,11 @@ from envs import EnvPool, check_java, env_class, eval_panel, make_env
 from prompts import Prompter, default_style
 from models import TINY, tiny_env, check_models, load_model, load_tokenizers, resolve_model, size_warning
 from opd import UpdateConfig, default_aggregation, episode_metrics, kl_metrics, score_episodes, update
+from lock import acquire_lock, release_lock
 from rollout import Chat, evaluate, precision, rollout
 from rundir import (
-    PER_INVOCATION, acquire_lock, append_metrics, check_weights, keep_rows_before, last_checkpoint, move_aside, output_path,
-    plan_start, read_run_args, release_lock, save_checkpoint, write_json,
+    PER_INVOCATION, append_metrics, check_weights, keep_rows_before, last_checkpoint, move_aside, output_path, plan_start,
+    read_run_args, save_checkpoint, write_json,
 )
 
 

@@ -60,6 +60,13 @@ def test_a_bug_keeps_its_traceback():
         cli.run(refuse)
     assert e.value.code == 2
 
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as e:  # Ctrl-C is no bug either: no traceback
+        cli.run(interrupted)
+    assert e.value.code == 130
+
 
 # --------------------------------------------------------------------------------------------------
 # pattern: plot.py and transcripts.py read sys.argv by hand: no --help, raw errors on an empty or half-written run

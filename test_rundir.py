@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+import lock
 import rundir
 import tcod
 from test_tcod import make_model, model_dirs, small_args, tok  # noqa: F401  (fixtures)
@@ -147,7 +148,7 @@ def test_a_lock_is_a_lease_that_expires_wherever_its_holder_ran(tmp_path, no_mod
         with pytest.raises(RuntimeError, match=f"in use by another tcod run \\(pid {pid} on {host}.*--force"):
             tcod.main(small_args(tmp_path, "tiny-student", "tiny-teacher"))
         assert not (out / "args.json").exists()
-        lock_file(out, pid, host, age_s=rundir.LEASE_S + 60)  # not refreshed for longer than the lease: stale
+        lock_file(out, pid, host, age_s=lock.LEASE_S + 60)  # not refreshed for longer than the lease: stale
         with pytest.raises(pytest.fail.Exception, match="loaded a model"):  # the run starts
             tcod.main(small_args(tmp_path, "tiny-student", "tiny-teacher"))
         shutil.rmtree(out)
@@ -163,16 +164,16 @@ def test_force_takes_a_live_lock_with_a_warning(tmp_path, no_models):
 
 
 def test_the_running_trainer_refreshes_its_lease(tmp_path, monkeypatch):
-    monkeypatch.setattr(rundir, "HEARTBEAT_S", 0.05)
-    path = rundir.acquire_lock(str(tmp_path))
+    monkeypatch.setattr(lock, "HEARTBEAT_S", 0.05)
+    path = lock.acquire_lock(str(tmp_path))
     old = time.time() - 3600
     os.utime(path, (old, old))
     deadline = time.time() + 10
     while os.stat(path).st_mtime < time.time() - 60 and time.time() < deadline:
         time.sleep(0.05)
     assert os.stat(path).st_mtime > time.time() - 60  # refreshed by the heartbeat
-    rundir.release_lock(path)
-    assert not os.path.exists(path) and path not in rundir._heartbeats
+    lock.release_lock(path)
+    assert not os.path.exists(path) and path not in lock._heartbeats
 
 
 # --------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import torch
 
 import eval as evaluation
 import envs
+import lock
 import rundir
 import rollout
 import tcod
@@ -233,9 +234,9 @@ def test_a_lock_stops_a_second_run_and_a_stale_one_does_not(tmp_path, no_models,
     with pytest.raises(AssertionError, match="a model was loaded"):
         tcod.main(tiny_args(tmp_path))
     assert rundir.run_state(str(out)) == "started" and not os.path.exists(out / "lock")  # released on the way out
-    path = rundir.acquire_lock(str(out))
-    assert rundir.lock_holder(path) is None  # this process's own lock is not someone else's
-    rundir.release_lock(path)
+    path = lock.acquire_lock(str(out))
+    assert lock.lock_holder(path) is None  # this process's own lock is not someone else's
+    lock.release_lock(path)
     assert not os.path.exists(path)
 
 
