@@ -316,6 +316,8 @@ def resolve_model(name: str) -> str:
             what = "is an empty directory" if not os.listdir(name) else "has no config.json"
             raise ModelError(f"model directory {name!r} {what}: not a saved model (save one with save_pretrained, or pass a hub id)")
         return name
+    if name.startswith(("/", ".", "~")) or name.endswith("/") or name.count("/") > 1:
+        raise ModelError(f"model {name!r}: no such directory (a hub id is ORG/NAME)")  # a path, not a hub id
     if name.count("/") == 1:
         return name
     raise ModelError(

@@ -125,6 +125,11 @@ def checkpoint_problem(ckpt: str) -> str | None:
     for name in names:
         if problem := file_problem(os.path.join(ckpt, name)):
             return f"{name} is {problem}"
+        if name.endswith(".index.json"):  # a sharded model: every shard its index names must be there
+            with open(os.path.join(ckpt, name)) as f:
+                shards = set(json.load(f).get("weight_map", {}).values())
+            if lost := sorted(s for s in shards if s not in names):
+                return f"{lost[0]}, a shard {name} names, is missing"
     return None
 
 
@@ -365,7 +370,7 @@ def move_aside(out: str) -> list[str]:
     stamp, moved = time.strftime("%Y%m%d-%H%M%S"), []
     for name in sorted(os.listdir(out)):
         path = os.path.join(out, name)
-        if name != "lock" and not name.endswith((".old", ".damaged")):
+        if name != "lock" and not name.endswith((".old", ".damaged", ".tmp")):  # .tmp: half-written, replaced when next written
             os.replace(path, f"{path}.{stamp}.old")
             moved.append(f"{path}.{stamp}.old")
     return moved

@@ -33,6 +33,7 @@ def script(*argv: str) -> subprocess.CompletedProcess:
     (["tcod.py", "--lr", "-1", "--out", "{tmp}/run"], "--lr -1.0"),
     (["tcod.py", "--resume", "--out", "{tmp}/none"], "no checkpoint"),
     (["eval.py", "--limit", "0"], "--limit 0"),
+    (["eval.py", "--model", "{tmp}/no-such-model"], "no such directory"),  # not taken for a hub id
     (["sft.py", "baseline", "--demos", "{tmp}/missing.json"], "no such file"),
     (["repro.py", "--curricula", "bogus", "--out", "{tmp}/repro"], "unknown curricula"),
     (["plot.py", "{tmp}/none"], "no such run directory"),

@@ -317,3 +317,10 @@ def test_eval_says_which_checkpoint_step_it_evaluated(tmp_path, two_steps, capsy
     evaluation.main(evaluation.Args(model=str(two_steps), limit=1, batch=1, out=str(tmp_path / "ev")))
     assert f"evaluating {two_steps}/ckpt: the checkpoint at step 2 of the run" in capsys.readouterr().err
     assert json.loads((tmp_path / "ev" / "eval.json").read_text())["args"]["checkpoint_step"] == 2
+
+
+def test_a_missing_shard_is_named(tmp_path, two_steps):
+    ckpt = two_steps / "ckpt"
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model.safetensors",
+                                                                                  "b": "model-00002-of-00002.safetensors"}}))
+    assert rundir.checkpoint_problem(str(ckpt)) == "model-00002-of-00002.safetensors, a shard model.safetensors.index.json names, is missing"
