@@ -347,6 +347,9 @@ def plan_start(out: str, resume: bool, new: dict, weights: dict) -> tuple[str, s
         warnings.warn(f"{out}/args.json has no {', '.join('--' + k.replace('_', '-') for k in missing)} (written by an older "
                       f"version): the run goes on with today's {'values' if len(missing) > 1 else 'value'} "
                       + ", ".join(f"{k}={new[k]!r}" for k in missing))
+    if unknown := [k for k in old if k not in new and k != "weights"]:
+        warnings.warn(f"{out}/args.json has {', '.join(unknown)}, which this version does not know (written by a newer "
+                      "one?): the run goes on without them")
     if mode != "resume":
         return mode, None, changed
     ckpt = usable_checkpoint(out)  # a damaged one is named before anything loads

@@ -279,12 +279,13 @@ def test_an_older_args_json_says_which_flags_it_lacks(tmp_path, model_dirs, two_
     old = json.loads((two_steps / "args.json").read_text())
     for key in ("weights", "lora_rank", "prompt"):
         del old[key]
-    (two_steps / "args.json").write_text(json.dumps(old))
+    (two_steps / "args.json").write_text(json.dumps(old | {"flag_from_the_future": 1}))
     with pytest.warns(UserWarning) as caught:
         tcod.main(fast_args(tmp_path, model_dirs, steps=3, resume=True))
     said = " ".join(str(w.message) for w in caught)
     assert "has no --prompt, --lora-rank (written by an older version)" in said
     assert "records no weight fingerprints" in said
+    assert "has flag_from_the_future, which this version does not know" in said
     assert "weights" in json.loads((two_steps / "args.json").read_text())  # recorded from now on
 
 
