@@ -404,8 +404,9 @@ def run(args: Args, locks: list) -> dict:
     else:
         student = load_model(ckpt or resolve_model(args.student), student_dtype, args.device)
     teacher = load_model(resolve_model(args.teacher), teacher_dtype, args.teacher_device or args.device).requires_grad_(False)
-    if None in weights.values():  # a hub model downloaded just now: its revision is known from here on
-        weights = {r: w or fingerprint.weights_id(getattr(args, r)) for r, w in weights.items()}
+    now = {r: fingerprint.weights_id(getattr(args, r)) for r in weights}  # hashes cached: cheap
+    if now != weights:  # a hub model fetched, or updated to a new revision, while it loaded: what loaded is `now`
+        weights = now
         if mode == "resume":
             check_weights(read_run_args(args.out), {r: weights[r] for r in loaded}, args.out)
         elif lead:

@@ -264,6 +264,19 @@ def test_a_resume_refuses_a_teacher_whose_weights_changed(tmp_path, model_dirs, 
     assert snapshot(two_steps) == before
 
 
+def test_a_teacher_updated_while_it_loads_is_caught(tmp_path, model_dirs, two_steps, monkeypatch):  # noqa: F811
+    """Online, from_pretrained may fetch a newer hub revision than the cache held when the run was checked."""
+    import fingerprint
+
+    loads, real_load, real_id = [], tcod.load_model, fingerprint.weights_id
+    monkeypatch.setattr(tcod, "load_model", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+    monkeypatch.setattr(fingerprint, "weights_id", lambda name: "Qwen/x@new" if name == model_dirs[1] and loads else real_id(name))
+    before = snapshot(two_steps)
+    with pytest.raises(ValueError, match="the weights of the teacher changed .*Qwen/x@new now"):
+        tcod.main(fast_args(tmp_path, model_dirs, steps=3, resume=True))
+    assert loads and snapshot(two_steps) == before
+
+
 def test_a_file_changed_in_place_changes_the_fingerprint(tmp_path):
     import fingerprint
 
