@@ -2,7 +2,8 @@
 
 An error is the user's when tcod's own code raised it on purpose, with a message written to be read: a `raise`
 statement in a file of this repository, of a type that says what is wrong with the input or the machine (a bad value,
-a file or directory, a model that cannot be had, not enough memory or disk). The checks that raise these run before
+a file or directory, a model that cannot be had, not enough memory or disk); and, wherever it is raised, an OSError
+of the machine's state (a full disk or quota, a read-only filesystem, a permission denied). The checks that raise these run before
 any model loads. Everything else (an error raised inside torch or transformers, a TypeError or KeyError in our code,
 a failed assert) is a bug, and its traceback is what a bug report needs. TCOD_TRACEBACK=1 shows the traceback of
 every error.
@@ -13,6 +14,7 @@ every error.
 
 from __future__ import annotations
 
+import errno
 import linecache
 import os
 import sys
@@ -21,10 +23,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 USER_ERROR_EXIT = 2  # as argparse (and tyro) exit on a malformed flag
 # the types tcod raises for input it refuses and for a machine that cannot run it (memory.py: MemoryError)
 USER_ERROR_TYPES = (ValueError, OSError, RuntimeError, ImportError, MemoryError)
+# what the system says of the machine, wherever it is raised: a full disk or quota, a read-only filesystem, no permission
+MACHINE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def raised_on_purpose(e: BaseException) -> bool:
     """True when a `raise` statement in this repository's own code raised e (not a builtin or a library under it)."""
+    if isinstance(e, OSError) and e.errno in MACHINE_ERRNOS:
+        return True  # not a bug: the machine's state, named by the system's message and the file
     if not isinstance(e, USER_ERROR_TYPES) or e.__traceback__ is None:
         return False
     tb = e.__traceback__

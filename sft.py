@@ -215,6 +215,12 @@ def baseline(args: BaselineArgs) -> str:
 
     import rundir
 
+    if not (math.isfinite(args.epochs) and args.epochs > 0):
+        raise ValueError(f"--epochs {args.epochs!r}: must be finite and > 0")
+    if args.batch < 1:
+        raise ValueError(f"--batch {args.batch!r}: must be an integer >= 1")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr {args.lr!r}: must be finite and > 0")
     out = rundir.new_output_dir(args.out, os.path.join("runs", f"sft-{args.env}-{os.path.basename(os.path.normpath(args.model))}"))
     data = load_demos(args.demos, args.env)
     demos, replies = data["demos"], data.get("replies", {})

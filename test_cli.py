@@ -36,6 +36,8 @@ def script(*argv: str) -> subprocess.CompletedProcess:
     (["eval.py", "--model", "{tmp}/no-such-model"], "no such directory"),  # not taken for a hub id
     (["sft.py", "baseline", "--demos", "{tmp}/missing.json"], "no such file"),
     (["repro.py", "--curricula", "bogus", "--out", "{tmp}/repro"], "unknown curricula"),
+    (["repro.py", "--jobs", "0", "--out", "{tmp}/repro"], "--jobs 0"),
+    (["sft.py", "baseline", "--demos", "{tmp}/d.json", "--epochs", "0"], "--epochs 0.0"),
     (["plot.py", "{tmp}/none"], "no such run directory"),
     (["transcripts.py", "{tmp}"], "no transcripts"),
     (["lora.py", "merge", "{tmp}", "{tmp}/merged"], "not a LoRA checkpoint"),
@@ -60,6 +62,15 @@ def test_a_bug_keeps_its_traceback():
     with pytest.raises(SystemExit) as e:
         cli.run(refuse)
     assert e.value.code == 2
+
+    def write_to_a_full_disk():
+        with open("/dev/full", "w") as f:  # the system's ENOSPC, from no raise of ours: the machine, not a bug
+            f.write("x")
+
+    if os.path.exists("/dev/full"):
+        with pytest.raises(SystemExit) as e:
+            cli.run(write_to_a_full_disk)
+        assert e.value.code == 2
 
     def interrupted():
         raise KeyboardInterrupt
@@ -106,6 +117,7 @@ def test_transcripts_say_why_there_is_nothing_to_show(tmp_path):
         {"turn": 0, "context": "seen", "reply": "<action>go</action>", "action": "go", "kl": 0.5}]}
     path.write_text(json.dumps(row) + "\n" + '{"task": "t2", "tu')  # one whole episode, one being written
     assert "## t: success True" in transcripts.main([str(tmp_path), "--episodes", "3"])
+    assert "## t: success True" in transcripts.main([str(path.parent)])  # the transcripts/ folder itself
     with pytest.raises(ValueError, match="--episodes 0"):
         transcripts.main([str(tmp_path), "--episodes", "0"])
 

@@ -72,7 +72,8 @@ def write(path: str, episodes: list, tok, kl_tokens: list, n: int) -> None:
 def show(path: str, episodes: int = 1) -> str:
     """A transcript file as readable text (a run directory: its newest file)."""
     if os.path.isdir(path):
-        files = sorted(glob.glob(os.path.join(path, "transcripts", "*.jsonl")), key=os.path.getmtime)
+        files = sorted(glob.glob(os.path.join(path, "transcripts", "*-step-*.jsonl")) or glob.glob(os.path.join(path, "*-step-*.jsonl")),
+                       key=os.path.getmtime)  # a run directory, or its transcripts/ folder
         if not files:
             raise FileNotFoundError(f"no transcripts in {path}/transcripts: not a tcod run, one that has not reached its "
                                     "first evaluation yet, or one run with --transcript-episodes 0")
