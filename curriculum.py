@@ -139,13 +139,17 @@ class Curriculum:
 def load_demos(path: str, env_name: str) -> dict:
     """A demonstrations file written by `eval.py --samples K`, checked: its "demos" map each task to the teacher's first
     successful actions, "replies" to their reply texts, and "hard" lists the tasks no sample solved."""
+    import rundir  # its JSON rule (a key given twice is refused); imported here, where it is used
+
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--demos {path!r}: no such file (make one with `python eval.py --samples K --splits train`)")
     with open(path) as f:
         try:
-            data = json.load(f)
+            data = json.load(f, object_pairs_hook=rundir.unique_keys)
         except json.JSONDecodeError as e:
             raise ValueError(f"--demos {path!r} is not valid JSON: {e}") from None
+        except ValueError as e:  # a task given twice
+            raise ValueError(f"--demos {path!r}: {e}") from None
     problem = demos_schema_problem(data)
     if problem:
         raise ValueError(f"--demos {path!r}: {problem} (the file `eval.py --samples K` writes: "

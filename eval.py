@@ -17,8 +17,8 @@ solved (the "hard" split, the paper's teacher-fails set: `--splits hard --demos 
 --model oracle plays each task's env-provided demonstration instead of a model: the ceiling of the panel.
 Writes <out>/episodes.jsonl as it goes (one row per finished episode, so a killed evaluation keeps its batches),
 then <out>/eval.json (the arguments as used: splits, horizon, think, max new tokens) and <out>/eval.md, and prints
-the Markdown table (per split, and per task type). An existing evaluation is never overwritten: the default <out>
-gets -2, -3, ...; an explicit --out that holds one is refused. A tcod run directory or its checkpoint as --model
+the Markdown table (per split, and per task type). Nothing is ever overwritten: the default <out> gets -2, -3, ...
+when taken; an explicit --out must be new or empty. A tcod run directory or its checkpoint as --model
 brings the run's env, think, max new tokens and horizon, unless given here.
 """
 
@@ -38,6 +38,7 @@ import torch
 import tyro
 from tqdm import tqdm
 
+import cli
 import rundir
 import rollout
 import tcod
@@ -86,7 +87,7 @@ class Args:
     seed: int = 0
     """sampling seed"""
     out: str | None = None
-    """where eval.json goes (default: runs/eval-<env>-<model>, with -2, -3, ... when taken); never overwritten"""
+    """where eval.json goes: a new or empty directory (default: runs/eval-<env>-<model>, with -2, -3, ... when taken)"""
 
 
 def summarize(episodes, task_types: dict[str, str]) -> dict:
@@ -173,15 +174,15 @@ def check_args(args: Args) -> None:
             raise ValueError(f"--{flag.replace('_', '-')} {value!r}: {flag} must be an integer >= {low}")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise ValueError(f"--temperature {args.temperature!r}: must be finite and >= 0 (0: greedy)")
+    tcod.check_seed(args.seed)
 
 
 def run_of(model: str) -> tuple[str, dict | None]:
     """A tcod run directory -> (its last checkpoint, its args.json); a checkpoint of a run -> (itself, the run's args)."""
     if os.path.isdir(model) and rundir.read_run_args(model) is not None:
-        ckpt = rundir.last_checkpoint(model)
-        if ckpt is None:
+        if rundir.last_checkpoint(model) is None:
             raise FileNotFoundError(f"--model {model!r} is a tcod run without a checkpoint yet: nothing to evaluate")
-        return ckpt, rundir.read_run_args(model)
+        return rundir.usable_checkpoint(model), rundir.read_run_args(model)
     parent = os.path.dirname(os.path.normpath(model))
     if os.path.isdir(model) and parent and rundir.read_run_args(parent) is not None:
         return model, rundir.read_run_args(parent)
@@ -194,20 +195,6 @@ def model_label(model: str, run_args: dict | None) -> str:
     if run_args is not None and os.path.dirname(path):
         return f"{os.path.basename(os.path.dirname(path))}-{os.path.basename(path)}"
     return os.path.basename(path)
-
-
-def out_dir(out: str | None, default: str) -> str:
-    """An explicit --out must not hold an evaluation; the default name gets -2, -3, ... when taken."""
-    taken = lambda d: any(os.path.exists(os.path.join(d, n)) for n in ("eval.json", "episodes.jsonl", "demos.json"))  # noqa: E731
-    if out is not None:
-        if taken(out):
-            raise FileExistsError(f"--out {out!r} already holds an evaluation: pass another --out (nothing is overwritten)")
-        return out
-    out, n = default, 1
-    while taken(out):
-        n += 1
-        out = f"{default}-{n}"
-    return out
 
 
 def main(args: Args) -> dict:
@@ -223,6 +210,9 @@ def main(args: Args) -> dict:
         max_new_tokens=args.max_new_tokens or run_args.get("max_new_tokens"),
         max_turns=args.max_turns or run_args.get("max_turns"),
     )
+    step = rundir.checkpoint_step(model_path) if os.path.isfile(os.path.join(model_path, "trainer.pt")) else None
+    if step is not None:
+        print(f"evaluating {model_path}: the checkpoint at step {step} of the run", file=sys.stderr)
     if run_args and args.env != run_args["env"]:
         print(f"note: {given.model} was trained on {run_args['env']}, evaluated here on {args.env}", file=sys.stderr)
     env_cls = env_class(args.env)
@@ -238,7 +228,7 @@ def main(args: Args) -> dict:
     hard = tcod.load_demos(args.demos, args.env)["hard"] if "hard" in splits else None
     if args.env == "scienceworld":
         tcod.check_java()
-    out = out_dir(args.out, os.path.join("runs", f"eval-{args.env}-{model_label(model_path, run_args or None)}"))
+    out = rundir.new_output_dir(args.out, os.path.join("runs", f"eval-{args.env}-{model_label(model_path, run_args or None)}"))
     max_new_tokens = args.max_new_tokens or (32 if tiny else 512)
     think = (not tiny) if args.think is None else args.think
     prompt = args.prompt or default_style(args.env)
@@ -254,8 +244,8 @@ def main(args: Args) -> dict:
     envs = EnvPool(args.env, env_kwargs, tcod.default_workers(args.env) if args.env_workers is None else args.env_workers)
     max_turns = args.max_turns or env_cls.max_turns
     used = {**vars(args), "splits": list(splits), "max_turns": max_turns, "max_new_tokens": max_new_tokens,
-            "think": think, "prompt": prompt, "model_path": model_path, "run": run_args or None, "out": out}
-    os.makedirs(out, exist_ok=True)
+            "think": think, "prompt": prompt, "model_path": model_path, "run": run_args or None, "out": out,
+            "checkpoint_step": step}
     episodes_path = os.path.join(out, "episodes.jsonl")  # one row per finished episode, appended per batch
     results, demos, replies, unsolved = {}, {}, {}, []
     try:
@@ -302,4 +292,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    cli.run(lambda: main(tyro.cli(Args)))

@@ -26,6 +26,8 @@ import os
 
 import torch
 
+import cli
+
 PEFT_VERSION = "0.21.2"  # the version tested (requirements.txt)
 # Every linear projection of a Qwen2/Qwen3/Llama decoder layer: adapting attention and MLP both is what matches full
 # fine-tuning best at a given parameter budget; attention alone leaves the MLP, most of the weights, frozen.
@@ -179,13 +181,13 @@ def merge(model):
 
 def merge_checkpoint(ckpt: str, out: str, dtype: str = "float32") -> str:
     """Base + adapter of a LoRA checkpoint -> `out`, a plain HF model directory (weights and tokenizer)."""
-    import models  # imported here: models.py imports this file
+    import models  # imported here: models.py and rundir.py import this file
+    import rundir
     from transformers import AutoTokenizer
 
     if not is_lora_checkpoint(ckpt):
         raise ValueError(f"{ckpt!r} is not a LoRA checkpoint (no {CONFIG}, or it is a full model)")
-    if os.path.exists(out) and os.listdir(out):
-        raise FileExistsError(f"{out!r} is not empty: pass a new directory")
+    rundir.new_output_dir(out, out, "OUT_DIR")
     model = models.load_model(ckpt, "float32", "cpu")  # base + adapter, merged in float32
     model.to(getattr(torch, dtype)).save_pretrained(out)
     AutoTokenizer.from_pretrained(ckpt).save_pretrained(out)
@@ -201,4 +203,4 @@ if __name__ == "__main__":
     m.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     a = parser.parse_args()
     ckpt = os.path.join(a.ckpt, "ckpt") if os.path.isdir(os.path.join(a.ckpt, "ckpt")) else a.ckpt
-    print(f"merged {ckpt} into {merge_checkpoint(ckpt, a.out, a.dtype)}")
+    cli.run(lambda: print(f"merged {ckpt} into {merge_checkpoint(ckpt, a.out, a.dtype)}"))

@@ -316,6 +316,8 @@ def resolve_model(name: str) -> str:
             what = "is an empty directory" if not os.listdir(name) else "has no config.json"
             raise ModelError(f"model directory {name!r} {what}: not a saved model (save one with save_pretrained, or pass a hub id)")
         return name
+    if name.startswith(("/", ".", "~")) or name.endswith("/") or name.count("/") > 1:
+        raise ModelError(f"model {name!r}: no such directory (a hub id is ORG/NAME)")  # a path, not a hub id
     if name.count("/") == 1:
         return name
     raise ModelError(
@@ -488,13 +490,39 @@ def size_warning(student: str, teacher: str) -> str | None:
 
 def check_models(student: str, teacher: str | None) -> str:
     """Before anything loads: the teacher (default: the family's), both names resolvable and obtainable. -> teacher."""
-    teacher = teacher or default_teacher(student)
+    picked, teacher = teacher is None, teacher or default_teacher(student)
     names = [n for n in (student, teacher) if n not in TINY]
     for name in names:  # local mistakes (bad path, unknown name) first, before asking the network
         parse_random(name) if name.startswith("random:") else resolve_model(name)
-    for name in names:
-        check_available(name)
+    missing = []
+    for role, name in (("student", student), ("teacher", teacher)):
+        try:
+            if name not in TINY:
+                check_available(name)
+        except ModelUnavailable as e:
+            missing.append((role, name, e))
+    if len(missing) == 1 and not (picked and missing[0][0] == "teacher"):
+        raise missing[0][2]
+    if missing:  # all that must be fetched, in one message: not one download, a run, and then news of the next
+        raise ModelUnavailable(unavailable_message(missing, student, picked))
     return teacher
+
+
+def unavailable_message(missing: list, student: str, picked: bool) -> str:
+    """One line naming every model to fetch, its size, why a default teacher was picked, and one command for all."""
+
+    def what(role: str, name: str) -> str:
+        config = REAL_CONFIGS.get(name)  # the exact parameter count where known; else the name's
+        size = n_params(config) / 1e9 if config else model_size(name)
+        why = (f"; the paper's teacher for {family(student)} students, picked as no --teacher was given" if role == "teacher" and picked else "")
+        return f"the {role} {name!r} ({resolve_model(name)}{f', about {2 * size:.0f} GB in bf16' if size else ''}{why})"
+
+    ids = [resolve_model(name) for _, name, _ in missing]
+    return (f"{' and '.join(what(r, n) for r, n, _ in missing)}: {'neither is' if len(missing) > 1 else 'not'} a local "
+            f"directory or in the Hugging Face cache ({hub_cache()}), and the hub cannot be reached"
+            f"{' (HF_HUB_OFFLINE is set)' if os.environ.get('HF_HUB_OFFLINE') else ''}: fetch "
+            f"{'both' if len(missing) > 1 else 'it'} once with a network: {' && '.join(f'hf download {i}' for i in ids)} "
+            "(huggingface-cli download on older huggingface_hub), or pass local directories")
 
 
 # --------------------------------------------------------------------------------------------------

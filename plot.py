@@ -12,17 +12,28 @@ training and eval episodes, when the runs logged them. matplotlib is optional: t
 
 from __future__ import annotations
 
-import json
+import argparse
 import math
 import os
 import re
-import sys
 from collections import defaultdict
+
+import cli
+import rundir
 
 
 def load(run: str) -> list[dict]:
-    with open(os.path.join(run, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip().endswith("}")]
+    """A run's metrics rows, or an error saying why there are none to plot."""
+    path = os.path.join(run, "metrics.jsonl")
+    if not os.path.isdir(run):
+        raise FileNotFoundError(f"{run}: no such run directory")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{run} has no metrics.jsonl: not a tcod run, or one that has not finished its first "
+                                "evaluation or step yet")
+    rows = rundir.read_metrics(path)
+    if not rows:
+        raise ValueError(f"{path} holds no complete row yet: the run has not finished its first evaluation or step")
+    return rows
 
 
 def group_runs(runs: list[str]) -> dict[str, list[str]]:
@@ -137,10 +148,17 @@ def heatmaps(groups: dict[str, list[list[dict]]], out: str, metrics: list[tuple]
     return out
 
 
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="tcod run directories (their metrics.jsonl)")
+    parser.add_argument("--out", default="curves.png", help="the curves figure; -heatmap.png and -telemetry.png go beside it")
+    a = parser.parse_args(argv)
+    folder = os.path.dirname(a.out)
+    if not a.out or os.path.isdir(a.out) or (folder and not os.path.isdir(folder)):
+        raise ValueError(f"--out {a.out!r}: must be a file name in an existing directory (e.g. curves.png)")
+    return plot_runs(a.runs, a.out)
+
+
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    out = args[args.index("--out") + 1] if "--out" in args else "curves.png"
-    runs = [a for i, a in enumerate(args) if a != "--out" and (i == 0 or args[i - 1] != "--out")]
-    if not runs:
-        sys.exit("usage: python plot.py RUN_DIR [RUN_DIR ...] [--out curves.png]")
-    print(plot_runs(runs, out))
+    cli.run(lambda: print(main()))

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import tyro
 from tqdm import tqdm
 
+import cli
 import plot
 import rundir
 
@@ -132,6 +133,8 @@ def main(args: Args) -> dict:
     unknown = set(args.curricula) - set(("opd", "f2b", "b2f", "adaptive"))
     if unknown:
         raise ValueError(f"unknown curricula {sorted(unknown)}")
+    if args.jobs < 1:
+        raise ValueError(f"--jobs {args.jobs}: must be an integer >= 1")
     runs = [(c, s, os.path.join(args.out, f"{c}-s{s}")) for c in args.curricula for s in args.seeds]
     t0 = time.time()
     with ThreadPoolExecutor(args.jobs) as pool, tqdm(total=len(runs), desc="repro runs") as bar:
@@ -153,4 +156,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    cli.run(lambda: main(tyro.cli(Args)))

@@ -29,6 +29,7 @@ import torch
 import tyro
 from tqdm import tqdm
 
+import cli
 import kl
 import models
 from rollout import Chat, Episode, evaluate, precision, trained_turns
@@ -66,7 +67,7 @@ class BaselineArgs:
     seed: int = 0
     """data order"""
     out: str | None = None
-    """where the fine-tuned model goes (default: runs/sft-<env>-<model>)"""
+    """where the fine-tuned model goes: a new or empty directory (default: runs/sft-<env>-<model>, -2, -3, ... when taken)"""
 
 
 @dataclass
@@ -212,6 +213,15 @@ def baseline(args: BaselineArgs) -> str:
     from curriculum import load_demos
     from envs import make_env
 
+    import rundir
+
+    if not (math.isfinite(args.epochs) and args.epochs > 0):
+        raise ValueError(f"--epochs {args.epochs!r}: must be finite and > 0")
+    if args.batch < 1:
+        raise ValueError(f"--batch {args.batch!r}: must be an integer >= 1")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr {args.lr!r}: must be finite and > 0")
+    out = rundir.new_output_dir(args.out, os.path.join("runs", f"sft-{args.env}-{os.path.basename(os.path.normpath(args.model))}"))
     data = load_demos(args.demos, args.env)
     demos, replies = data["demos"], data.get("replies", {})
     tiny = args.model in models.TINY
@@ -231,7 +241,6 @@ def baseline(args: BaselineArgs) -> str:
     steps = math.ceil(args.epochs * len(kept) / args.batch)
     lr = args.lr or (1e-4 if tiny else 1e-5)
     losses = sft(model, kept, steps, lr, batch=args.batch, seed=args.seed, bf16=amp is not None, desc="sft baseline")
-    out = args.out or os.path.join("runs", f"sft-{args.env}-{os.path.basename(os.path.normpath(args.model))}")
     model.save_pretrained(out)
     tok.save_pretrained(out)
     print(f"{len(kept)} demonstrations ({len(data) - len(kept)} no longer succeed), {steps} steps, "
@@ -311,6 +320,6 @@ def tiny_model_dir(name: str) -> str:
 if __name__ == "__main__":
     args = tyro.extras.subcommand_cli_from_dict({"baseline": BaselineArgs, "tiny": Args})
     if isinstance(args, BaselineArgs):
-        baseline(args)
+        cli.run(lambda: baseline(args))
     elif args.force or not os.path.isdir(os.path.join(args.out, "tiny-teacher" + recipe_suffix(args.env, args.noise))):
         build_tiny(args)

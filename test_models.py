@@ -177,7 +177,7 @@ def test_the_command_prints_one_line_offline(tmp_path):
     p = subprocess.run([sys.executable, "tcod.py", "--env", "webshop", "--student", "Qwen2.5-1.5B"], cwd=HERE, env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode != 0
     assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
-    assert p.stderr.startswith("error: model 'Qwen2.5-1.5B' (Qwen/Qwen2.5-1.5B-Instruct)")
+    assert p.stderr.startswith("error: the student 'Qwen2.5-1.5B' (Qwen/Qwen2.5-1.5B-Instruct") and p.returncode == 2
 
 
 def test_empty_directory_and_file_are_named(tmp_path, no_loading):

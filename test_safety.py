@@ -20,6 +20,7 @@ import torch
 
 import eval as evaluation
 import envs
+import lock
 import rundir
 import rollout
 import tcod
@@ -233,9 +234,9 @@ def test_a_lock_stops_a_second_run_and_a_stale_one_does_not(tmp_path, no_models,
     with pytest.raises(AssertionError, match="a model was loaded"):
         tcod.main(tiny_args(tmp_path))
     assert rundir.run_state(str(out)) == "started" and not os.path.exists(out / "lock")  # released on the way out
-    path = rundir.acquire_lock(str(out))
-    assert rundir.lock_holder(path) is None  # this process's own lock is not someone else's
-    rundir.release_lock(path)
+    path = lock.acquire_lock(str(out))
+    assert lock.lock_holder(path) is None  # this process's own lock is not someone else's
+    lock.release_lock(path)
     assert not os.path.exists(path)
 
 
@@ -409,7 +410,7 @@ def fake_run(root, name, model_dir, **run_args):
     """A tcod run directory whose checkpoint is model_dir (the run's args.json as tcod writes it)."""
     out = root / name
     shutil.copytree(model_dir, out / "ckpt")
-    (out / "ckpt" / "trainer.pt").write_bytes(b"")
+    torch.save({"step": 1}, out / "ckpt" / "trainer.pt")
     args = tcod.asdict(tcod.Args(**{**TINY, **run_args}))
     (out / "args.json").write_text(json.dumps(args))
     return str(out)
@@ -427,7 +428,7 @@ def test_eval_of_run_checkpoints_uses_their_settings_and_never_overwrites(tmp_pa
     used = json.load(open("runs/eval-tinyworld-A-ckpt/eval.json"))["args"]
     assert (used["env"], used["splits"], used["max_turns"], used["max_new_tokens"], used["think"]) == ("tinyworld", ["test"], 3, 7, False)
     assert used["run"]["max_new_tokens"] == 7 and used["model_path"] == os.path.join(a, "ckpt")
-    with pytest.raises(FileExistsError, match="already holds an evaluation"):
+    with pytest.raises(FileExistsError, match="is not empty"):
         evaluation.main(evaluation.Args(model=a, limit=2, out="runs/eval-tinyworld-B-ckpt"))
 
 

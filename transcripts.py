@@ -11,11 +11,14 @@ model saw since its last reply, its reply, the action parsed from it, and the su
 
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import os
 import sys
 
+import cli
+import rundir
 from prompts import parse_action
 
 MAX_CHARS = 2000
@@ -69,27 +72,41 @@ def write(path: str, episodes: list, tok, kl_tokens: list, n: int) -> None:
 def show(path: str, episodes: int = 1) -> str:
     """A transcript file as readable text (a run directory: its newest file)."""
     if os.path.isdir(path):
-        files = sorted(glob.glob(os.path.join(path, "transcripts", "*.jsonl")), key=os.path.getmtime)
+        files = sorted(glob.glob(os.path.join(path, "transcripts", "*-step-*.jsonl")) or glob.glob(os.path.join(path, "*-step-*.jsonl")),
+                       key=os.path.getmtime)  # a run directory, or its transcripts/ folder
         if not files:
-            raise FileNotFoundError(f"no transcripts in {path}/transcripts")
+            raise FileNotFoundError(f"no transcripts in {path}/transcripts: not a tcod run, one that has not reached its "
+                                    "first evaluation yet, or one run with --transcript-episodes 0")
         path = files[-1]
+    elif not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: neither a run directory nor a transcript file")
+    rows, damaged = rundir.read_jsonl(path, ("task", "turns"))
+    if damaged:
+        print(f"warning: {path}: damaged lines skipped: {damaged[:5]}", file=sys.stderr)
+    if not rows:
+        raise ValueError(f"{path} holds no complete transcript: not a transcript file, or one still being written")
     lines = [f"# {path}"]
-    with open(path) as f:
-        for row in map(json.loads, list(f)[:episodes]):
-            lines.append(f"\n## {row['task']}: success {row['success']}, score {row['score']:.2f}, {row['prefix']} replayed")
-            for t in row["turns"]:
-                kl = "" if t["kl"] is None else f" (KL {t['kl']:.2f})"
-                lines += [f"\n--- turn {t['turn']}: seen\n{t['context'].strip()}", f"--- reply{kl}\n{t['reply'].strip()}",
-                          f"--- action: {t['action']}"]
-            if row["end"].strip():
-                lines.append(f"\n--- after the last reply\n{row['end'].strip()}")
+    for row in rows[:episodes]:
+        lines.append(f"\n## {row['task']}: success {row['success']}, score {row['score']:.2f}, {row['prefix']} replayed")
+        for t in row["turns"]:
+            kl = "" if t["kl"] is None else f" (KL {t['kl']:.2f})"
+            lines += [f"\n--- turn {t['turn']}: seen\n{t['context'].strip()}", f"--- reply{kl}\n{t['reply'].strip()}",
+                      f"--- action: {t['action']}"]
+        if row["end"].strip():
+            lines.append(f"\n--- after the last reply\n{row['end'].strip()}")
     return "\n".join(lines)
 
 
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("path", metavar="RUN_DIR_OR_FILE", help="a run directory (its newest transcript) or a transcript file")
+    parser.add_argument("--episodes", type=int, default=1, help="episodes to print (default 1)")
+    a = parser.parse_args(argv)
+    if a.episodes < 1:
+        raise ValueError(f"--episodes {a.episodes}: must be an integer >= 1")
+    return show(a.path, a.episodes)
+
+
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    n = int(args[args.index("--episodes") + 1]) if "--episodes" in args else 1
-    paths = [a for i, a in enumerate(args) if a != "--episodes" and (i == 0 or args[i - 1] != "--episodes")]
-    if len(paths) != 1:
-        sys.exit("usage: python transcripts.py RUN_DIR_OR_FILE [--episodes N]")
-    print(show(paths[0], n))
+    cli.run(lambda: print(main()))
