@@ -439,12 +439,12 @@ def run(args: Args, locks: list) -> dict:
     if args.rollout == "vllm":  # from the weights the student was loaded from, in the precision its forwards run in
         from vllm_engine import VLLMEngine
 
-        start = plain = ckpt or resolve_model(args.student)
+        loaded_from = plain = ckpt or resolve_model(args.student)
         while lora.is_lora_checkpoint(plain):  # an adapter is no model for vLLM: start from its base, then sync
             plain = resolve_model(lora.base_of(plain))
         engine = VLLMEngine(plain, len(tok), args.device, dtype="bfloat16" if amp else "float32",
                             memory=args.vllm_memory, seed=args.seed)
-        if plain != start:
+        if plain != loaded_from:
             engine.sync(student)  # base + adapter, merged
     kwargs = dict(max_new_tokens=args.max_new_tokens, max_turns=args.max_turns, max_context=max_context, think=args.think,
                   prompt=args.prompt, engine=engine)
