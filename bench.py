@@ -114,14 +114,16 @@ class MasterCopyAdamW:
             p.copy_(m)  # rounded to bf16: the working weights the next forward uses
 
 
-def timed(fn):
+def timed(fn, clock=time.perf_counter):
+    """fn's result and its seconds by `clock`: wall time, or time.process_time for the CPU seconds of a one-thread
+    process, which a machine shared with other jobs barely changes (wall time there can double)."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    t0 = clock()
     result = fn()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return result, time.perf_counter() - t0
+    return result, clock() - t0
 
 
 class RePrefillDecoder(rollout.Decoder):
@@ -514,19 +516,25 @@ def child(spec: dict) -> None:
     else:
         open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
         base = kb("VmRSS") * 1024
+    cpu0 = time.process_time()
     if spec["kind"] == "score":
         turns = [torch.tensor(rollout.trained_turns(e)) for e in episodes]
         batches = [opd.batch_tensors(episodes, mb, turns, device) for mb in opd.microbatches(episodes, 4)]
         _, seconds = timed(lambda: [opd.teacher_logprobs(teacher, ids, targets) for ids, targets, _ in batches])
     elif spec["kind"] == "telemetry":  # the same step with and without telemetry, alternated; the fastest of each
         step()  # warm-up
-        times = {on: min(timed(lambda: step(on))[1] for _ in range(3)) for on in (True, False)}
-        print(json.dumps({"with": times[True], "without": times[False]}))
+        clock = time.perf_counter if device.startswith("cuda") else time.process_time
+        times = {True: [], False: []}
+        for _ in range(3):
+            for on in (True, False):
+                times[on].append(timed(lambda: step(on), clock)[1])
+        print(json.dumps({"with": min(times[True]), "without": min(times[False])}))
         return
     else:
         _, seconds = timed(step)
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else kb("VmHWM") * 1024
-    print(json.dumps({"seconds": seconds, "peak_mb": peak / 2**20, "loaded_mb": base / 2**20, "growth_mb": (peak - base) / 2**20}))
+    print(json.dumps({"seconds": seconds, "cpu_seconds": time.process_time() - cpu0, "peak_mb": peak / 2**20,
+                      "loaded_mb": base / 2**20, "growth_mb": (peak - base) / 2**20}))
 
 
 def fresh_run(spec: dict) -> dict:
@@ -591,10 +599,11 @@ def shape_main(args: Args) -> dict:
     # LoRA student (rank 16, every projection) against full fine-tuning, each one score_and_update as above
     tel = fresh_run(dict(spec, kind="telemetry", checkpointing=True))
     add((f"{args.shape} telemetry", "with s", tel["with"], "without s", tel["without"],
-         f"one score_and_update as in the step memory row, checkpointing on, 3 alternating repeats, fastest each; "
+         f"one score_and_update as in the step memory row, checkpointing on, 3 alternating repeats, the fastest of each; {'wall' if device.startswith('cuda') else 'CPU'} seconds; "
          f"{Ls - Ls // 4} of {Ls} tokens an episode are the student's"))
     lora16 = fresh_run(dict(spec, checkpointing=True, lora_rank=16))
     add((f"{args.shape} LoRA r16 step", "LoRA s", lora16["seconds"], "full fine-tuning s", on["seconds"],
+         f"CPU seconds {lora16['cpu_seconds']:.1f} vs {on['cpu_seconds']:.1f}; "
          f"as the step memory row, checkpointing on; peak {lora16['peak_mb']:.0f} vs {on['peak_mb']:.0f} MB, growth over the "
          f"loaded weights {lora16['growth_mb']:.0f} vs {on['growth_mb']:.0f} MB"))
 
