@@ -33,11 +33,13 @@ MODELS = {
     **{f"Qwen3-{s}": f"Qwen/Qwen3-{s}" for s in ("0.6B", "1.7B", "4B", "8B", "14B", "32B")},
     "Qwen3-30B-A3B": "Qwen/Qwen3-30B-A3B-Instruct-2507",
 }
-# The tiny models (sft.py builds them; data/ ships them): the pair of the CPU demo, and for the reproduction's grid a
-# teacher without recovery skill (-norec: trained on expert states only) and the pair of the compounding world (-recall,
-# envs.TinyWorldRecall). A -recall model only knows tinyworld-recall, the others tinyworld.
+# The tiny models (sft.py's recipes): the pair of the CPU demo, a teacher without recovery skill (-norec: trained on
+# expert states only), and the pair of the world where the source of each move must be recalled (-recall,
+# envs.TinyWorldRecall), which the 4 x 128 recipe does not learn (README). A -recall model only knows tinyworld-recall,
+# the others tinyworld. data/tiny ships TINY_SHIPPED; the others are built on first use (about 35 min each).
 TINY = ("tiny-teacher", "tiny-student", "tiny-teacher-norec", "tiny-teacher-recall", "tiny-student-recall",
         "tiny-teacher-recall-norec")
+TINY_SHIPPED = TINY[:3]
 
 
 def tiny_env(name: str) -> str:

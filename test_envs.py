@@ -317,3 +317,23 @@ def test_scienceworld_demo_of_every_task_type(scienceworld):
         if not actions or not replay(scienceworld, task, actions).success:
             failed.append(task)
     assert not failed
+
+
+def test_tinyworld_recall_states_the_sources_once_then_hides_them():
+    """envs.TinyWorldRecall: the first message lists every object's place; later observations name the next move's
+    object and destination but not where the object is; the same expert solves it in the same actions as TinyWorld."""
+    from envs import TinyWorld, TinyWorldRecall
+
+    plain, recall = TinyWorld(), TinyWorldRecall()
+    for task in recall.tasks("test")[:20]:
+        first = recall.reset(task)
+        assert all(f"{o} at {p}" in first.observation for o, p in recall.where.items())
+        actions = recall.demo(task)  # (demo plays the env to the end: reset after it)
+        assert actions == plain.demo(task)
+        step = recall.reset(task)
+        for action in actions[:-1]:
+            step = recall.step(action)
+            o, p = recall._next_goal()
+            assert step.observation.endswith(f" next: {o} to {'here' if p == recall.here else p}.")
+            assert " from " not in step.observation and "objects:" not in step.observation
+        assert recall.step(recall.expert()).success

@@ -1,5 +1,6 @@
 """support.py: the teacher's support, measured from the states a student visited and from perturbed expert states."""
 
+import os
 import random
 
 import pytest
@@ -85,3 +86,27 @@ def test_perturbed_prefix_is_seeded_and_valid():
         for x in a:
             step = env.step(x)
             assert step.valid and not step.done
+
+
+def test_data_tiny_ships_exactly_the_listed_models():
+    import sft
+
+    assert sorted(os.listdir(sft.TINY_DIR)) == sorted(models.TINY_SHIPPED)
+
+
+@pytest.mark.parametrize("name", models.TINY_SHIPPED)
+def test_each_shipped_tiny_model_has_the_tiny_shape_and_the_shared_tokenizer(name):
+    """Each shipped tiny model (not rebuilt on first use: 35 min) is the 4 x 128 Qwen2 of sft.py's recipe (1.05 M
+    parameters, a few MB) and has the tokenizer of the demo pair, so any two of them can be paired."""
+    import sft
+    from transformers import AutoTokenizer
+
+    path = os.path.join(sft.TINY_DIR, name)
+    assert os.path.isfile(os.path.join(path, "model.safetensors")), f"{name} is not shipped in data/tiny"
+    assert sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)) < 8e6
+    model = models.load_model(path, "float32", "cpu")
+    assert (model.config.hidden_size, model.config.num_hidden_layers, model.config.vocab_size) == (128, 4, 492)
+    assert sum(p.numel() for p in model.parameters()) == 1_048_192
+    tok, ref = AutoTokenizer.from_pretrained(path), AutoTokenizer.from_pretrained(os.path.join(sft.TINY_DIR, "tiny-teacher"))
+    models.check_same_tokenizer(tok, ref)  # raises, naming the difference
+    assert tok.get_vocab() == ref.get_vocab() and tok.chat_template == ref.chat_template
