@@ -187,6 +187,43 @@ class TinyWorldRecall(TinyWorld):
         return step
 
 
+class TinyWorldDrift(TinyWorld):
+    """TinyWorld where one early error changes every later turn (the CPU reproduction's test of the paper's mechanism).
+
+    Written before any model was trained on it. The paper's account of vanilla OPD's collapse: the student's errors
+    compound, it leaves the states the teacher knows, and there the teacher's per-token scores mislead it. In TinyWorld
+    an off-path state looks like an on-path one (the observation names the next move in the same form), so a teacher
+    trained on expert paths only still acts well there (support.py: tiny-teacher-norec 1.00 / 0.97 / 0.92 / 0.91).
+    Here, while every action taken was the expert's, the world reads as TinyWorld; the first other action (a valid
+    detour or an invalid one) puts the episode off plan for good, and every later observation comes in another form:
+    "off plan. wanted: apple to sink, now here. at shelf, you see apple. hand: empty. actions: go sink, take apple."
+    The same facts and the same decision, read the same way (the object, where it is: here / hand / a place, where it
+    goes), but with its fields in another order and other words. A teacher trained on expert paths has never seen
+    that form: after one student error its scores cover states outside its support, for the rest of the episode. A
+    teacher trained with recovery data (random actions and the expert's fixes, sft.py --noise) has seen both forms.
+    Same layouts, actions, expert and horizon as TinyWorld."""
+
+    name = "tinyworld-drift"
+
+    def reset(self, task: str) -> Step:
+        self.off_plan = False
+        return super().reset(task)
+
+    def step(self, action: str) -> Step:
+        self.off_plan = self.off_plan or action != self.expert()
+        return super().step(action)
+
+    def _observe(self, before: str = "") -> Step:
+        step = super()._observe(before)
+        if not self.off_plan:
+            return step
+        o, p = self._next_goal()
+        src = "hand" if self.hand == o else ("here" if self.where[o] == self.here else self.where[o])
+        seen = step.scene[len(before):step.scene.index(" next: ")]  # "at X, you see Y. hand: Z."
+        scene = f"{before}off plan. wanted: {o} to {'here' if p == self.here else p}, now {src}. {seen}"
+        return Step(f"{scene} actions: {', '.join(step.actions)}.", scene=scene, actions=step.actions)
+
+
 # --------------------------------------------------------------------------------------------------
 # ALFWorld: household text games generated from ALFRED scenes (Shridhar et al., ICLR 2021), played through textworld's
 # PDDL engine. The release's game files ship with the project (data/alfworld, see its README) and are unpacked on first
@@ -639,7 +676,7 @@ class EnvPool:
 
 
 # name -> "module:Class", imported on first use so that each benchmark's packages load only when it runs
-ENVS = {"tinyworld": "envs:TinyWorld", "tinyworld-recall": "envs:TinyWorldRecall", "alfworld": "envs:AlfWorld", "scienceworld": "envs:ScienceWorld", "webshop": "webshop:WebShop"}
+ENVS = {"tinyworld": "envs:TinyWorld", "tinyworld-recall": "envs:TinyWorldRecall", "tinyworld-drift": "envs:TinyWorldDrift", "alfworld": "envs:AlfWorld", "scienceworld": "envs:ScienceWorld", "webshop": "webshop:WebShop"}
 
 
 def env_class(name: str):

@@ -44,7 +44,7 @@ TINY_SHIPPED = TINY[:3]
 
 def tiny_env(name: str) -> str:
     """The env a tiny model was trained in."""
-    return "tinyworld-recall" if "-recall" in name else "tinyworld"
+    return "tinyworld-recall" if "-recall" in name else "tinyworld-drift" if "-drift" in name else "tinyworld"
 
 # The paper's teacher per family (and the tiny pair's).
 DEFAULT_TEACHERS = {"qwen2.5": "Qwen2.5-7B", "qwen3": "Qwen3-30B-A3B", "tiny": "tiny-teacher"}

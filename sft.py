@@ -82,19 +82,21 @@ class Args:
     """SFT steps for the tiny teacher"""
     student_steps: int = 255
     """the tiny student is the teacher's network after this many of its SFT steps"""
+    snapshots: tuple[int, ...] = ()
+    """also save the network at these SFT steps, with its test success, under OUT/snapshots/ (to pick a student)"""
     restart_at: int = 100
     """SFT step at which the optimizer and data order restart (the run that made the shipped models did this)"""
     noise: float = 0.2
     """probability of a random action at each demonstration turn (never trained on; the expert's fix is); 0: expert
     states only, a teacher without recovery skill (support.py measures the difference)"""
-    env: Literal["tinyworld", "tinyworld-recall"] = "tinyworld"
+    env: Literal["tinyworld", "tinyworld-recall", "tinyworld-drift"] = "tinyworld"
     """the world the demonstrations come from (the tokenizer is TinyWorld's either way, so every tiny model shares it)"""
 
 
 def recipe_suffix(env: str, noise: float) -> str:
-    """What a tiny model's name says of its recipe: -recall (trained in tinyworld-recall), -norec (--noise 0: expert
+    """What a tiny model's name says of its recipe: -recall / -drift (trained in tinyworld-recall / -drift), -norec (--noise 0: expert
     states only, no recovery skill), -noiseX (another noise); the shipped demo pair has none."""
-    return ("-recall" if env == "tinyworld-recall" else "") + ("" if noise == 0.2 else "-norec" if noise == 0 else f"-noise{noise:g}")
+    return {"tinyworld-recall": "-recall", "tinyworld-drift": "-drift"}.get(env, "") + ("" if noise == 0.2 else "-norec" if noise == 0 else f"-noise{noise:g}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -294,7 +296,8 @@ def build_tiny(args: Args) -> None:
     assert R < args.student_steps < T
     sft(model, data, R, lr=3e-3, seed=args.seed, bf16=True, desc="sft", total=T)
     sft(model, data, T - R, lr=3e-3, seed=args.seed + R, bf16=True, desc="sft", total=T, start=R,
-        on_step=lambda step: step == args.student_steps and save("tiny-student" + suffix, step))
+        on_step=lambda step: (step == args.student_steps and save("tiny-student" + suffix, step),
+                              step in args.snapshots and save(f"snapshots/tiny-student{suffix}-{step}", step)))
     save("tiny-teacher" + suffix, T)
     shutil.rmtree(tok_dir)
     print(f"tiny models built in {time.time() - t0:.0f}s under {args.out}")
@@ -302,9 +305,10 @@ def build_tiny(args: Args) -> None:
 
 def tiny_recipe(name: str) -> tuple[str, Args]:
     """A tiny model's directory in data/tiny and the `sft.py tiny` settings that build it (models.TINY names them):
-    tiny-ROLE[-recall][-norec], see recipe_suffix."""
+    tiny-ROLE[-recall|-drift][-norec], see recipe_suffix."""
     recipe = name.removeprefix("tiny-").partition("-")[2]
-    settings = {"env": "tinyworld-recall" if "recall" in recipe else "tinyworld", "noise": 0.0 if "norec" in recipe else 0.2}
+    env = next((e for e in ("tinyworld-recall", "tinyworld-drift") if e.split("-")[1] in recipe), "tinyworld")
+    settings = {"env": env, "noise": 0.0 if "norec" in recipe else 0.2}
     return os.path.join(TINY_DIR, name), Args(**settings)
 
 

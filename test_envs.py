@@ -337,3 +337,35 @@ def test_tinyworld_recall_states_the_sources_once_then_hides_them():
             assert step.observation.endswith(f" next: {o} to {'here' if p == recall.here else p}.")
             assert " from " not in step.observation and "objects:" not in step.observation
         assert recall.step(recall.expert()).success
+
+
+def test_tinyworld_drift_reads_as_tinyworld_until_the_first_detour_then_never_again():
+    """envs.TinyWorldDrift: on the expert's path every observation equals TinyWorld's; the first action that is not the
+    expert's (valid or not) switches every later observation to the off-plan form, which names the same object, source
+    and destination; the expert still solves every task from there within the horizon's slack it has."""
+    import random
+
+    from envs import TinyWorld, TinyWorldDrift
+
+    plain, drift = TinyWorld(), TinyWorldDrift()
+    for task in drift.tasks("test")[:20]:
+        actions = plain.demo(task)
+        assert drift.demo(task) == actions
+        a, b = plain.reset(task), drift.reset(task)
+        for action in actions[:-1]:
+            a, b = plain.step(action), drift.step(action)
+            assert a.observation == b.observation and a.scene == b.scene and "off plan" not in b.observation
+    solved, rng = 0, random.Random(0)
+    for task in drift.tasks("train")[:50]:
+        step, detour = drift.reset(task), rng.choice(["fly", None])
+        detour = detour or next(x for x in drift.admissible() if x != drift.expert())
+        step = drift.step(detour)
+        assert step.observation.startswith(("off plan. ", "nothing happens. off plan. "))
+        while not step.done:
+            o, p = drift._next_goal()
+            src = "hand" if drift.hand == o else ("here" if drift.where[o] == drift.here else drift.where[o])
+            assert f"wanted: {o} to {'here' if p == drift.here else p}, now {src}. " in step.observation
+            assert " next: " not in step.observation and step.observation.endswith(f"actions: {', '.join(step.actions)}.")
+            step = drift.step(drift.expert())
+        solved += step.success
+    assert solved == 50
