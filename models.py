@@ -38,7 +38,7 @@ MODELS = {
 # envs.TinyWorldRecall), which the 4 x 128 recipe does not learn (README). A -recall model only knows tinyworld-recall,
 # the others tinyworld. data/tiny ships TINY_SHIPPED; the others are built on first use (about 35 min each).
 TINY = ("tiny-teacher", "tiny-student", "tiny-teacher-norec", "tiny-teacher-recall", "tiny-student-recall",
-        "tiny-teacher-recall-norec")
+        "tiny-teacher-recall-norec", "tiny-teacher-drift", "tiny-student-drift", "tiny-teacher-drift-norec")
 TINY_SHIPPED = TINY[:3]
 
 

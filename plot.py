@@ -74,19 +74,27 @@ def kl_grid(rows_per_run: list[list[dict]], key: str) -> tuple[list[int], list[l
 
 
 def plot_runs(runs: list[str], out: str) -> str:
+    return plot_groups({label: [load(r) for r in members] for label, members in group_runs(runs).items()}, out)
+
+
+def plot_groups(groups: dict[str, list[list[dict]]], out: str) -> str:
+    """The figures of `groups` ({label: each seed's metrics rows}): out, and its -heatmap / -telemetry companions."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = {label: [load(r) for r in members] for label, members in group_runs(runs).items()}
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    off_path = any(r.get("teacher_off_path") is not None for rows in groups.values() for run in rows for r in run)
+    fig, axes = plt.subplots(2, 3 if off_path else 2, figsize=(16 if off_path else 11, 7.5))
     panels = [
         (axes[0, 0], "traj_kl", False, "training trajectory KL (sum over an episode's student tokens)"),
         (axes[0, 1], "eval_success", True, "eval success (full horizon, from scratch, T=0.4)"),
         (axes[1, 0], "eval_traj_kl", True, "eval trajectory KL (full horizon: comparable across curricula)"),
         (axes[1, 1], "k", False, "curriculum depth k"),
     ]
+    if off_path:  # support.off_path, logged at each evaluation
+        panels += [(axes[0, 2], "teacher_off_path", True, "teacher off the expert's path: training episodes' states"),
+                   (axes[1, 2], "eval_teacher_off_path", True, "teacher off the expert's path: eval episodes' states")]
     for label, rows_per_run in groups.items():
         train = [[r for r in rows if r["step"] >= 0] for rows in rows_per_run]
         color = None
@@ -104,7 +112,8 @@ def plot_runs(runs: list[str], out: str) -> str:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:  # (a run with --no-eval has no eval lines)
             ax.legend(fontsize=7)
-    axes[0, 1].set_ylim(-0.02, 1.02)
+    for ax in [axes[0, 1]] + ([axes[0, 2], axes[1, 2]] if off_path else []):
+        ax.set_ylim(-0.02, 1.02)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

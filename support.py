@@ -14,12 +14,14 @@ expert that acts from any state (TinyWorld's `expert()`):
             (`teacher_off_path`), so it can be followed over training for every curriculum.
 
     python support.py --teacher tiny-teacher        # the profile of a teacher, as a table
+    python support.py --teacher tiny-teacher --env tinyworld-drift   # ... in another tiny world
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import tyro
@@ -138,7 +140,9 @@ def profile(teacher, chat, envs, env, tasks: list[str], *, prompt: str, think: b
 @dataclass
 class Args:
     teacher: str = "tiny-teacher"
-    """the teacher: a tiny model's name (models.TINY), measured in the world it was trained in"""
+    """the teacher: a tiny model's name (models.TINY)"""
+    env: Literal["tinyworld", "tinyworld-recall", "tinyworld-drift"] | None = None
+    """the world to measure it in (default: the one it was trained in)"""
     tasks: int = 100
     """held-out tasks (the env's first eval split)"""
     seed: int = 0
@@ -150,7 +154,7 @@ def main(args: Args) -> dict:
     from envs import EnvPool, make_env
     from rollout import Chat
 
-    env = make_env(models.tiny_env(args.teacher))  # the world the tiny teacher knows
+    env = make_env(args.env or models.tiny_env(args.teacher))
     chat = Chat(models.load_tokenizers(args.teacher, args.teacher))
     teacher = models.load_model(models.resolve_model(args.teacher), "float32", "cpu").eval()
     result = profile(teacher, chat, EnvPool(env.name, {}, 0), env, env.tasks("test")[: args.tasks], prompt="compact",

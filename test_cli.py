@@ -35,8 +35,9 @@ def script(*argv: str) -> subprocess.CompletedProcess:
     (["eval.py", "--limit", "0"], "--limit 0"),
     (["eval.py", "--model", "{tmp}/no-such-model"], "no such directory"),  # not taken for a hub id
     (["sft.py", "baseline", "--demos", "{tmp}/missing.json"], "no such file"),
-    (["repro.py", "--curricula", "bogus", "--out", "{tmp}/repro"], "unknown curricula"),
-    (["repro.py", "--jobs", "0", "--out", "{tmp}/repro"], "--jobs 0"),
+    (["repro.py", "--curricula", "bogus", "--runs", "{tmp}/repro"], "unknown curricula"),
+    (["repro.py", "--teachers", "bogus", "--runs", "{tmp}/repro"], "no tiny pair"),
+    (["repro.py", "--jobs", "0", "--runs", "{tmp}/repro"], "--jobs 0"),
     (["sft.py", "baseline", "--demos", "{tmp}/d.json", "--epochs", "0"], "--epochs 0.0"),
     (["plot.py", "{tmp}/none"], "no such run directory"),
     (["transcripts.py", "{tmp}"], "no transcripts"),
