@@ -39,7 +39,7 @@ MODELS = {
 # the others tinyworld. data/tiny ships TINY_SHIPPED; the others are built on first use (about 35 min each).
 TINY = ("tiny-teacher", "tiny-student", "tiny-teacher-norec", "tiny-teacher-recall", "tiny-student-recall",
         "tiny-teacher-recall-norec", "tiny-teacher-drift", "tiny-student-drift", "tiny-teacher-drift-norec")
-TINY_SHIPPED = TINY[:3]
+TINY_SHIPPED = TINY[:3] + ("tiny-teacher-drift-norec",)
 
 
 def tiny_env(name: str) -> str:

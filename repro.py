@@ -290,8 +290,8 @@ def main(args: Args) -> dict:
     cells = []
     for w in args.worlds:
         for t in args.teachers:
-            for c in args.curricula:
-                for s in args.seeds:
+            for s in args.seeds:  # seed by seed: the runs that pair with each other land together
+                for c in args.curricula:
                     name = run_name(w, t, c, s)
                     run, summary = os.path.join(args.runs, name), os.path.join(args.results, name + ".json")
                     cmd = command(w, t, c, s, args.steps, run, args.extra)
