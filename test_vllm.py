@@ -42,6 +42,14 @@ def load(path):
     return models.load_model(path, "float32", "cpu").eval()
 
 
+def untrained(path):
+    """A model of the student's shape with fresh random weights: its samples are near-random tokens."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(load(path).config).eval()
+
+
 def test_vllm_plays_the_same_episodes_as_the_decoder_at_temperature_0(shipped):
     chat, path, engine = shipped
     engine.sync(load(path))
@@ -92,13 +100,116 @@ def test_a_training_step_then_a_sync_changes_vllm_as_the_new_weights_say(shipped
     engine.sync(load(path))  # back to the shipped weights for the other tests
 
 
-def test_a_vllm_run_resumes_exactly(tmp_path):
+def scrambled_prompt(chat, env, task) -> list[int]:
+    """A first prompt with every word of its observation spelled letter by letter: token ids that a decode and encode
+    would merge back into words, so an engine that got text instead of ids would see another stream."""
+    ids, tok = chat.first(Prompter("compact", env, False).first(env.reset(task))), chat.tok
+    cut = len(ids) // 2
+    letters = [t for c in tok.decode(ids[cut:]) for t in tok(c, add_special_tokens=False)["input_ids"]]
+    return ids[:cut] + letters
+
+
+def forward_logprobs(model, stream: list[int], reply: list[int]) -> list[float]:
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([stream + reply])).logits[0].float(), -1)
+    return [logp[len(stream) + j - 1, t].item() for j, t in enumerate(reply)]
+
+
+def test_vllm_gets_the_streams_ids_and_returns_the_sampled_ids(shipped):
+    """Streams that do not survive decode + encode in, replies sampled at temperature 2 from an untrained
+    model (near-random tokens, which do not either) out: the log-probs vLLM reports for the ids it returns equal a transformers forward over exactly
+    the stream and those ids. Text in place of ids, or re-tokenized replies, would shift or change the tokens."""
+    chat, path, engine = shipped
+    model = untrained(path)
+    engine.sync(model)
+    env, tok = TinyWorld(), chat.tok
+    streams = [scrambled_prompt(chat, env, t) for t in env.tasks("test")[:3]]
+    assert all(tok(tok.decode(s), add_special_tokens=False)["input_ids"] != s for s in streams)
+    session = engine.session(torch.Generator().manual_seed(0))
+    replies = session.reply(streams, chat.eos, temperature=2.0, max_new_tokens=16)
+    assert any(tok(tok.decode(r), add_special_tokens=False)["input_ids"] != r for r in replies)
+    for s, r, lp in zip(streams, replies, session.logprobs):
+        assert len(lp) == len(r) and max(abs(a - b) for a, b in zip(lp, forward_logprobs(model, s, r))) < 1e-4
+    engine.sync(load(path))
+
+
+def test_each_rollout_draws_its_own_seeds(shipped):
+    """Sampling (temperature 1, an untrained model) is a function of the rollout's generator: the same generator gives
+    the same replies, another generator other ones; within a rollout each call and each row gets its own seed."""
+    chat, path, engine = shipped
+    engine.sync(untrained(path))
+    env = TinyWorld()
+    streams = [chat.first(Prompter("compact", env, False).first(env.reset(env.tasks("test")[0])))] * 4
+    draw = lambda seed: engine.session(torch.Generator().manual_seed(seed))  # noqa: E731
+    a, again, other = draw(1), draw(1), draw(2)
+    first = a.reply(streams, chat.eos, 1.0, 16)
+    assert again.reply(streams, chat.eos, 1.0, 16) == first != other.reply(streams, chat.eos, 1.0, 16)
+    assert a.reply(streams, chat.eos, 1.0, 16) != first  # the next call of the same rollout
+    assert len({tuple(r) for r in first}) > 1  # four rows of one stream
+    engine.sync(load(path))
+
+
+def test_later_turns_find_the_earlier_turns_in_the_prefix_cache(shipped):
+    """Each reply sends the whole stream; from the second turn on, vLLM finds at least every whole 32-token block of
+    the previous turn's prompt in its prefix cache."""
+    chat, path, engine = shipped
+    engine.sync(load(path))  # (which resets the cache: the first turn finds nothing)
+
+    class Spy:
+        def session(self, generator):
+            self.last = engine.session(generator)
+            return self.last
+
+    spy = Spy()
+    episodes = play(None, chat, TinyWorld().tasks("test")[:4], engine=spy, temperature=1.0)
+    turns = spy.last.cache
+    assert len(turns) >= 3 and sum(e.student_turns for e in episodes) > 8
+    assert all(c > 0 for call in turns[1:] for _, c in call)
+    # where no episode ended in between, row r of a call is row r of the one before: its prompt grew from that one
+    same = [(prev, call) for prev, call in zip(turns, turns[1:]) if len(prev) == len(call)]
+    assert same and all(c >= n // 32 * 32 for prev, call in same for (n, _), (_, c) in zip(prev, call))
+
+
+# tcod.main runs last: each builds and drops an engine of its own, and dropping one tears down vLLM's process-wide
+# parallel state, which the module's engine (above) then lacks
+
+
+def rows(out) -> list[dict]:
+    return [json.loads(line) for line in open(os.path.join(out, "run", "metrics.jsonl"))]
+
+
+def transcripts(out) -> dict[str, list]:
+    """Every transcript file of a run (train steps and evals): the replies' text and their summed KL, per turn."""
+    folder = os.path.join(out, "run", "transcripts")
+    return {f: [json.loads(line) for line in open(os.path.join(folder, f))] for f in sorted(os.listdir(folder))}
+
+
+def test_a_vllm_run_follows_the_students_updates(tmp_path):
+    """Greedy rollouts at a learning rate that changes the greedy replies: a --rollout vllm run equals a --rollout hf
+    run step by step (the same replies, KL, losses and evals), so the engine samples from each step's weights."""
     student, teacher = models.resolve_model("tiny-student"), models.resolve_model("tiny-teacher")
-    kw = dict(rollout="vllm", max_turns=4, tasks_per_step=4, lr=1e-4)
+    kw = dict(max_turns=4, tasks_per_step=4, steps=3, lr=3e-3, train_temperature=0.0, eval_temperature=0.0,
+              transcript_every=1, transcript_episodes=4)
+    hf = tcod.main(small_args(tmp_path / "hf", student, teacher, rollout="hf", **kw))
+    vl = tcod.main(small_args(tmp_path / "vllm", student, teacher, rollout="vllm", **kw))
+    ours, theirs = transcripts(tmp_path / "hf"), transcripts(tmp_path / "vllm")
+    replies = lambda f: [[t["reply"] for t in ep["turns"]] for ep in ours[f]]  # noqa: E731
+    assert replies("eval-step-0.jsonl") != replies("eval-step-3.jsonl")  # the updates changed the greedy replies
+    assert set(ours) == set(theirs) and all(ours[f] == theirs[f] for f in ours)
+    key = lambda r: {k: r.get(k) for k in ("step", "traj_kl", "loss", "success", "eval_success", "eval_traj_kl")}  # noqa: E731
+    assert [key(r) for r in rows(tmp_path / "hf")] == [key(r) for r in rows(tmp_path / "vllm")]
+    assert hf["loss"] == vl["loss"]
+
+
+def test_a_vllm_run_resumes_exactly(tmp_path):
+    """At a learning rate whose steps change the sampled tokens: a run resumed from its step-2 checkpoint samples from
+    the checkpoint's weights, with the step's seeds, as the uninterrupted run did."""
+    student, teacher = models.resolve_model("tiny-student"), models.resolve_model("tiny-teacher")
+    kw = dict(rollout="vllm", max_turns=4, tasks_per_step=4, lr=3e-3, transcript_every=1, transcript_episodes=4)
     full = tcod.main(small_args(tmp_path / "a", student, teacher, steps=3, **kw))
     tcod.main(small_args(tmp_path / "b", student, teacher, steps=2, **kw))
     resumed = tcod.main(small_args(tmp_path / "b", student, teacher, steps=3, resume=True, **kw))
-    rows = lambda d: [json.loads(line) for line in open(os.path.join(d, "run", "metrics.jsonl"))]  # noqa: E731
     a, b = rows(tmp_path / "a"), rows(tmp_path / "b")  # (b also evaluated at the end of its first 2 steps)
     assert [(r["step"], r.get("traj_kl"), r.get("loss")) for r in a] == [(r["step"], r.get("traj_kl"), r.get("loss")) for r in b]
+    assert transcripts(tmp_path / "a")["train-step-2.jsonl"] == transcripts(tmp_path / "b")["train-step-2.jsonl"]
     assert resumed["loss"] == full["loss"] and resumed["eval_success"] == full["eval_success"]

@@ -56,10 +56,16 @@ class VLLMEngine:
 
 
 class VLLMSession:
-    """reply / keep, as rollout.Decoder: rows are episodes still active, in order."""
+    """reply / keep, as rollout.Decoder: rows are episodes still active, in order.
+
+    After each reply, `logprobs[r]` holds vLLM's log-probability of each token it sampled for row r (its raw
+    log-softmax, at temperature 1, whatever the sampling temperature), and `cache` gets one (prompt tokens, tokens
+    found in the prefix cache) pair per row: what the tests check the streams and the cache against."""
 
     def __init__(self, engine: VLLMEngine, seed: int):
         self.engine, self.seed, self.calls = engine, seed, 0
+        self.logprobs: list[list[float]] = []
+        self.cache: list[list[tuple[int, int]]] = []
 
     def reply(self, streams: list[list[int]], eos: int, temperature: float, max_new_tokens: int) -> list[list[int]]:
         from vllm import SamplingParams, TokensPrompt
@@ -67,10 +73,13 @@ class VLLMSession:
         allowed = list(range(self.engine.vocab)) if self.engine.padded else None
         params = [SamplingParams(temperature=temperature, max_tokens=max_new_tokens, stop_token_ids=[eos],
                                  seed=(self.seed + 1_000_003 * self.calls + r) % 2**31, detokenize=False,
-                                 allowed_token_ids=allowed) for r in range(len(streams))]
+                                 allowed_token_ids=allowed, logprobs=0) for r in range(len(streams))]
         self.calls += 1
         outs = self.engine.llm.generate([TokensPrompt(prompt_token_ids=s) for s in streams], params, use_tqdm=False)
-        return [list(o.outputs[0].token_ids) for o in outs]
+        replies = [list(o.outputs[0].token_ids) for o in outs]
+        self.logprobs = [[lp[t].logprob for t, lp in zip(ids, o.outputs[0].logprobs)] for ids, o in zip(replies, outs)]
+        self.cache.append([(len(o.prompt_token_ids), o.num_cached_tokens or 0) for o in outs])
+        return replies
 
     def keep(self, rows: list[int]) -> None:
         pass  # nothing per row: each reply sends the whole stream, and the prefix cache finds its earlier turns
