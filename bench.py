@@ -249,6 +249,7 @@ def decode_step_parts(model, decoder_cls, amp, rows: int, prompt: int, steps: in
     g = torch.Generator().manual_seed(0)
     streams = [torch.randint(0, vocab, (prompt,), generator=g).tolist() for _ in range(rows)]
     dec = Timed(model, vocab, torch.Generator().manual_seed(1))
+    dec.generation_config = None  # no stop token from the model's generation config either (rollout.stop_tokens)
     with rollout.autocast(rollout.model_device(model), amp):
         _, total = timed(lambda: dec.reply(streams, eos=-1, temperature=1.0, max_new_tokens=steps))  # eos -1: never stops
     # reply samples `steps` tokens: the first from the prefill's logits, each next one after a one-token forward

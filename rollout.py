@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from tqdm import tqdm
@@ -100,6 +102,54 @@ class Chat:
 
 
 # --------------------------------------------------------------------------------------------------
+# The rollout engine: what samples the student's replies
+
+
+class Session(Protocol):
+    """One rollout's sampler. Rows are the episodes still active, in order; `keep` drops the others."""
+
+    logprobs: list[list[float]]  # after each reply: per row, log p(token) of each sampled token (temperature 1)
+
+    def reply(self, streams: list[list[int]], eos: int, temperature: float, max_new_tokens: int) -> list[list[int]]:
+        """One reply per row, streams[r] being row r's whole token stream so far: the sampled ids, ending in a stop
+        token (`stop_tokens`) unless cut at max_new_tokens. Its randomness comes from the session's generator only."""
+
+    def keep(self, rows: list[int]) -> None: ...
+
+
+class Engine(Protocol):
+    """What samples the student's replies: our Decoder (`Local`) or vLLM (vllm_engine.VLLMEngine). Another engine
+    (SGLang, say) is one class with these two methods, whose sessions sample from the weights of the last sync."""
+
+    def session(self, generator: torch.Generator) -> Session:
+        """The sampler of one rollout; its seeds are drawn from generator, so a rollout is a function of it."""
+
+    def sync(self, model) -> None:
+        """Sample from `model`'s current weights from now on (after each update)."""
+
+
+class Local:
+    """The Decoder as an Engine: it samples from the live model, so there is nothing to copy on sync."""
+
+    def __init__(self, model, vocab_size: int):
+        self.model, self.vocab_size = model, vocab_size
+
+    def session(self, generator: torch.Generator) -> "Decoder":
+        return Decoder(self.model, self.vocab_size, generator)
+
+    def sync(self, model) -> None:
+        self.model = model
+
+
+def stop_tokens(eos: int, generation_config) -> list[int]:
+    """The ids a reply ends at: the chat's end-of-turn token and the eos_token_id(s) of the model's generation config
+    (Qwen's lists <|endoftext|> beside <|im_end|>), as vLLM stops on both; the Decoder stops on the same set."""
+    extra = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
+    extra = [extra] if isinstance(extra, int) else list(extra or [])
+    return list(dict.fromkeys([eos] + extra))
+
+
+# --------------------------------------------------------------------------------------------------
 # Batched sampling with one KV cache across turns
 
 
@@ -129,6 +179,8 @@ class Decoder:
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)
         self.pos = None  # [B] next position id of each row
         self.fed = []  # per row: tokens of its stream already in the cache
+        self.generation_config = getattr(model, "generation_config", None)
+        self.logprobs: list[list[float]] = []  # Session.logprobs
 
     def _forward(self, chunks: list[list[int]]) -> torch.Tensor:
         n, B = max(map(len, chunks)), len(chunks)
@@ -149,7 +201,7 @@ class Decoder:
             input_ids=ids, attention_mask=self.mask, position_ids=position_ids, use_cache=True, logits_to_keep=1,
             **{self.cache_kw: self.cache}
         )
-        return out.logits[:, -1, : self.vocab_size].float()
+        return out.logits[:, -1].float()  # every row of the head: log p over all of them, as the trainer's
 
     block = 256  # vocabulary entries per block of the two-level draw in _sample
 
@@ -182,21 +234,28 @@ class Decoder:
         """One reply per row; streams[r] is row r's whole token stream so far (its unfed tail is fed first)."""
         if len(self.fed) < len(streams):
             self.fed += [0] * (len(streams) - len(self.fed))
+        stops = torch.tensor(stop_tokens(eos, self.generation_config), device=self.device)
         logits = self._forward([s[f:] for s, f in zip(streams, self.fed)])
         self.fed = [len(s) for s in streams]
-        out = [[] for _ in streams]
+        out, logps = [[] for _ in streams], []
         alive = [True] * len(streams)
         for t in range(max_new_tokens):
-            tokens = self._sample(logits, temperature).tolist()
+            # a config's padded vocabulary rows are never sampled; log p is over every row (as the trainer's)
+            tokens = self._sample(logits[:, : self.vocab_size], temperature)
+            logps.append(logits.gather(1, tokens[:, None])[:, 0] - logits.logsumexp(-1))
+            ended = torch.isin(tokens, stops).tolist()
+            tokens = tokens.tolist()
             for r, tok in enumerate(tokens):
                 if alive[r]:
                     out[r].append(tok)
-                    alive[r] = tok != eos
+                    alive[r] = not ended[r]
             if not any(alive) or t == max_new_tokens - 1:
                 break
             # Rows that already finished feed a masked token: their cache entry is ignored from now on.
             logits = self._forward([[tok] if a else [] for tok, a in zip(tokens, alive)])
             self.fed = [f + a for f, a in zip(self.fed, alive)]
+        logps = torch.stack(logps, 1).tolist()  # one transfer per reply
+        self.logprobs = [row[: len(o)] for row, o in zip(logps, out)]
         return out
 
     def keep(self, rows: list[int]) -> None:
@@ -216,6 +275,7 @@ class Episode:
     task: str
     ids: list[int] = field(default_factory=list)  # the whole chat as one token stream
     turn_of: list[int] = field(default_factory=list)  # per token: env turn index of a student-sampled token, else -1
+    sampled_logp: list[float] = field(default_factory=list)  # per token: the sampler's log p of a sampled token, else nan
     prefix: int = 0  # B2F: demonstration actions replayed before the student acts
     turns: int = 0  # env turns taken, replayed ones included
     student_turns: int = 0
@@ -232,9 +292,10 @@ class Episode:
     actions: list[str] = field(default_factory=list)  # the actions the env took, replayed ones included
     replies: list[str] = field(default_factory=list)  # the text of each reply that gave one of those actions
 
-    def add(self, tokens: list[int], turn: int = -1) -> None:
+    def add(self, tokens: list[int], turn: int = -1, logp: list[float] | None = None) -> None:
         self.ids += tokens
         self.turn_of += [turn] * len(tokens)
+        self.sampled_logp += logp if logp is not None else [math.nan] * len(tokens)
 
     def saw(self, step: Step) -> None:
         """Keep the best score so far: an episode cut at T_max, or ended by a wrong move, keeps the points it earned."""
@@ -252,8 +313,7 @@ def rollout(model, chat: Chat, envs, env, tasks, plans, demos, *, temperature, m
     """Play one episode per task, all at once. plans[i] is a curriculum.Plan, demos[i] an action list or None.
     prompt: the prompt style (prompts.STYLES). amp: the autocast dtype of the model's forwards (`precision`), or None.
     desc: show a progress bar with this label (turns played, episodes still active), e.g. for a long first eval.
-    engine: what samples the replies: None, our Decoder over `model`; or an engine with session(generator) -> an
-    object with the Decoder's reply(streams, eos, temperature, max_new_tokens) and keep(rows) (vllm_engine.py)."""
+    engine: what samples the replies (an Engine): None, our Decoder over `model` (Local); or vllm_engine.VLLMEngine."""
     episodes = [Episode(t, prefix=p.prefix) for t, p in zip(tasks, plans)]
     prompters = [Prompter(prompt, env, think) for _ in tasks]
 
@@ -288,7 +348,7 @@ def rollout(model, chat: Chat, envs, env, tasks, plans, demos, *, temperature, m
             else:
                 extend(ep, chat.assistant(format_reply(action)) + chat.user(prompters[i].after(action, s)))
 
-    decoder = engine.session(generator) if engine is not None else Decoder(model, len(chat.tok), generator)
+    decoder = (engine if engine is not None else Local(model, len(chat.tok))).session(generator)
     active = [i for i, ep in enumerate(episodes) if not ep.done]
     bar = tqdm(total=max_turns, desc=desc, unit="turn", leave=False, disable=desc is None)
     while active:
@@ -299,11 +359,11 @@ def rollout(model, chat: Chat, envs, env, tasks, plans, demos, *, temperature, m
         for i in active:
             episodes[i].decode_seconds += time.perf_counter() - t0
         parsed, texts = [], []
-        for i, reply in zip(active, replies):
+        for i, reply, logp in zip(active, replies, decoder.logprobs):
             ep = episodes[i]
-            ep.add(reply, turn=ep.turns)
+            ep.add(reply, turn=ep.turns, logp=logp)
             ep.reply_tokens += len(reply)
-            if reply[-1] != chat.eos:  # cut at max_new_tokens: close the turn so the chat stays well-formed
+            if reply[-1] != chat.eos:  # cut at max_new_tokens, or another stop token: close the turn with the chat's
                 ep.add([chat.eos])
             texts.append(chat.tok.decode(reply, skip_special_tokens=True))
             parsed.append(parse_action(texts[-1]))

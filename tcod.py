@@ -446,6 +446,8 @@ def run(args: Args, locks: list) -> dict:
                             memory=args.vllm_memory, seed=args.seed)
         if plain != loaded_from:
             engine.sync(student)  # base + adapter, merged
+        else:
+            engine.check(student)  # it samples from the weights the student was loaded with
     kwargs = dict(max_new_tokens=args.max_new_tokens, max_turns=args.max_turns, max_context=max_context, think=args.think,
                   prompt=args.prompt, engine=engine)
     rank_seed = dist.rank if dist else 0

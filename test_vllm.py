@@ -170,6 +170,59 @@ def test_later_turns_find_the_earlier_turns_in_the_prefix_cache(shipped):
     assert same and all(c >= n // 32 * 32 for prev, call in same for (n, _), (_, c) in zip(prev, call))
 
 
+def first_prompt(chat, task="test-0") -> list[int]:
+    env = TinyWorld()
+    return chat.first(Prompter("compact", env, False).first(env.reset(task)))
+
+
+@pytest.fixture(scope="module")
+def stopping(shipped, tmp_path_factory):
+    """A copy of the shipped student whose generation config lists, beside <|im_end|>, the third token of its greedy
+    reply to the first test task (as Qwen's lists <|endoftext|>), and an engine on that copy."""
+    import shutil
+
+    chat, path, _ = shipped
+    (full,) = rollout.Local(load(path), len(chat.tok)).session(torch.Generator()).reply([first_prompt(chat)], chat.eos, 0.0, 16)
+    x = full[2]
+    out = tmp_path_factory.mktemp("stopping")
+    for f in os.listdir(path):
+        shutil.copy(os.path.join(path, f), out)
+    config = json.load(open(out / "generation_config.json")) | {"eos_token_id": [chat.eos, x]}
+    json.dump(config, open(out / "generation_config.json", "w"))
+    return str(out), x, full, VLLMEngine(str(out), len(chat.tok), "cpu", dtype="float32")
+
+
+def test_vllm_and_the_decoder_stop_on_the_same_tokens(shipped, stopping):
+    """Both stop at the chat's end token and at every eos_token_id of the model's generation config."""
+    chat = shipped[0]
+    path, x, full, engine = stopping
+    cut = full[: full.index(x) + 1]
+    for sampler in (rollout.Local(load(path), len(chat.tok)), engine):
+        assert sampler.session(torch.Generator()).reply([first_prompt(chat)], chat.eos, 0.0, 16) == [cut]
+    tasks = TinyWorld().tasks("test")[:6]
+    ours, theirs = play(load(path), chat, tasks), play(None, chat, tasks, engine=engine)
+    assert [e.ids for e in ours] == [e.ids for e in theirs]
+    assert any(a == x and b == chat.eos for e in ours for a, b in zip(e.ids, e.ids[1:]))
+
+
+def test_sync_refuses_an_engine_that_kept_old_weights_or_samples_from_others(shipped, monkeypatch):
+    """vLLM's reload_weights warns and keeps the old weights for the names it misses: sync raises; and `check`
+    raises when the engine's log-probs are not the student's (here: another model's weights)."""
+    import vllm_engine
+
+    chat, path, engine = shipped
+    model = load(path)
+    engine.sync(model)
+    assert engine.check(model) < 1e-4
+    with pytest.raises(RuntimeError, match="does not sample from the student's weights"):
+        engine.check(untrained(path))
+    monkeypatch.setattr(vllm_engine, "student_state", lambda m: {k: v for k, v in m.state_dict().items() if "mlp" not in k})
+    with pytest.raises(RuntimeError, match="kept some of its old weights"):
+        engine.sync(untrained(path))
+    monkeypatch.undo()
+    engine.sync(model)
+
+
 # tcod.main runs last: each builds and drops an engine of its own, and dropping one tears down vLLM's process-wide
 # parallel state, which the module's engine (above) then lacks
 

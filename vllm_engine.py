@@ -20,9 +20,12 @@ sizes its cache. Under torchrun each rank has its own engine on its own device, 
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
+
+from rollout import stop_tokens
 
 
 class VLLMEngine:
@@ -39,6 +42,9 @@ class VLLMEngine:
         self.llm = LLM(model=model_dir, dtype=dtype, enforce_eager=cpu, seed=seed, enable_prefix_caching=True, **kw)
         self.vocab = vocab  # the tokenizer's ids: a config's padded vocabulary rows are never sampled (as the Decoder)
         self.padded = self.llm.llm_engine.model_config.get_vocab_size() > vocab
+        self.dtype = self.llm.llm_engine.model_config.dtype
+        self.generation_config = generation_config(model_dir)  # its eos_token_id(s) stop replies (rollout.stop_tokens)
+        self.probe: list[int] | None = None  # the stream `check` scores: set by each reply
 
     def session(self, generator: torch.Generator) -> "VLLMSession":
         """The engine for one rollout: its seeds come from the rollout's generator."""
@@ -46,13 +52,82 @@ class VLLMEngine:
 
     @torch.no_grad()
     def sync(self, model) -> None:
-        """Load the student's current weights into the engine and drop the KV computed with the old ones."""
-        import lora  # a LoRA student: base + adapter merged, under the plain names the engine knows
-
-        state = lora.merged_state_dict(model) if lora.is_lora(model) else model.state_dict()
-        weights = list(state.items())  # tied embeddings: state_dict holds lm_head.weight too
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        """Load the student's current weights into the engine, drop the KV computed with the old ones, and check that
+        the engine now samples from them."""
+        weights = list(student_state(model).items())  # tied embeddings: state_dict holds lm_head.weight too
+        with LoadWarnings() as missed:  # reload_weights raises on a name it does not know, only warns on one it misses
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        if missed.messages:
+            raise RuntimeError(f"the vLLM engine kept some of its old weights: {' '.join(missed.messages)[:500]}")
         self.llm.reset_prefix_cache()
+        self.check(model)
+
+    @torch.no_grad()
+    def check(self, model, probe: list[int] | None = None) -> float:
+        """Raise unless the engine's prompt log-probs over `probe` (default: the first stream of the last reply,
+        up to 256 tokens) are the student's forward's, within what the engine's dtype allows (`TOLERANCE`: a mean
+        |difference| over the probe's tokens); return that mean. One short prefill on each side."""
+        from vllm import SamplingParams, TokensPrompt
+
+        from rollout import autocast, model_device, precision
+
+        probe = (probe or self.probe or list(range(1, min(self.vocab, 129))))[:256]
+        out = self.llm.generate([TokensPrompt(prompt_token_ids=probe)], SamplingParams(max_tokens=1, prompt_logprobs=0,
+                                detokenize=False), use_tqdm=False)[0]
+        theirs = torch.tensor([lp[t].logprob for t, lp in zip(probe[1:], out.prompt_logprobs[1:])])
+        device = model_device(model)
+        with autocast(device, precision("auto", str(device))[2] if self.dtype == torch.bfloat16 else None):
+            logits = model(torch.tensor([probe], device=device)).logits[0, :-1].float()
+        ours = (logits.gather(1, torch.tensor(probe[1:], device=device)[:, None])[:, 0] - logits.logsumexp(-1)).cpu()
+        gap = (ours - theirs).abs().mean().item()
+        limit = TOLERANCE.get(self.dtype, TOLERANCE[torch.bfloat16])
+        if not gap <= limit:
+            raise RuntimeError(f"the vLLM engine does not sample from the student's weights: its log-probs differ from "
+                               f"the student's by {gap:.3g} on average over {len(probe) - 1} tokens (allowed {limit})")
+        return gap
+
+
+# The most a synced engine's mean |log p| may differ from the student's over a probe: float32 agrees to ~1e-6
+# (test_vllm.py), bf16 kernels to a few 1e-2; a stale, unloaded or garbage weight set is off by far more.
+TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.25}
+
+
+class LoadWarnings(logging.Handler):
+    """Collects vLLM's 'weights were not loaded' warnings while in a `with` block (the engine runs in-process)."""
+
+    name = "vllm.model_executor.model_loader.reload.inplace"
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "not loaded" in record.getMessage():
+            self.messages.append(record.getMessage())
+
+    def __enter__(self):
+        logging.getLogger(self.name).addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger(self.name).removeHandler(self)
+
+
+def generation_config(model_dir: str):
+    """The model's generation config as transformers and vLLM read it: generation_config.json, else from config.json."""
+    from transformers import AutoConfig, GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(model_dir)
+    except OSError:
+        return GenerationConfig.from_model_config(AutoConfig.from_pretrained(model_dir))
+
+
+def student_state(model) -> dict:
+    """The weights vLLM loads: a LoRA student's base + adapter merged, under the plain names the engine knows."""
+    import lora
+
+    return lora.merged_state_dict(model) if lora.is_lora(model) else model.state_dict()
 
 
 class VLLMSession:
@@ -71,12 +146,14 @@ class VLLMSession:
         from vllm import SamplingParams, TokensPrompt
 
         allowed = list(range(self.engine.vocab)) if self.engine.padded else None
-        params = [SamplingParams(temperature=temperature, max_tokens=max_new_tokens, stop_token_ids=[eos],
+        stops = stop_tokens(eos, self.engine.generation_config)  # what vLLM would add itself: said, so it is one set
+        params = [SamplingParams(temperature=temperature, max_tokens=max_new_tokens, stop_token_ids=stops,
                                  seed=(self.seed + 1_000_003 * self.calls + r) % 2**31, detokenize=False,
                                  allowed_token_ids=allowed, logprobs=0) for r in range(len(streams))]
         self.calls += 1
         outs = self.engine.llm.generate([TokensPrompt(prompt_token_ids=s) for s in streams], params, use_tqdm=False)
         replies = [list(o.outputs[0].token_ids) for o in outs]
+        self.engine.probe = (streams[0] + replies[0])[-256:]
         self.logprobs = [[lp[t].logprob for t, lp in zip(ids, o.outputs[0].logprobs)] for ids, o in zip(replies, outs)]
         self.cache.append([(len(o.prompt_token_ids), o.num_cached_tokens or 0) for o in outs])
         return replies
