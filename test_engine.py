@@ -102,3 +102,50 @@ def test_a_third_engine_is_one_class(tiny):
     assert all(lp == -1.0 for e in episodes for t, lp in zip(e.turn_of, e.sampled_logp) if t >= 0)
     local = play(chat, ["test-0", "test-1"], model, engine=rollout.Local(model, len(chat.tok)))
     assert [e.ids for e in local] == [e.ids for e in play(chat, ["test-0", "test-1"], model)]
+
+
+def test_the_sampler_gap_and_its_truncated_importance_weights_by_hand():
+    import opd
+
+    logp_s = torch.tensor([[-1.0, -2.0, -0.5, -3.0]])
+    sampler = torch.tensor([[-1.5, -2.0, math.nan, -0.5]])  # ratios e^0.5, 1, (none), e^-2.5
+    stats, w = opd.sampler_gap(logp_s, sampler, cap=1.5)
+    assert stats == pytest.approx([0.5 + 0.0 + 2.5, 1, 3])
+    assert w[0].tolist() == pytest.approx([1.5, 1.0, 1.0, math.exp(-2.5)])
+    assert opd.sampler_gap(logp_s, sampler, cap=0)[1].tolist() == [[1.0] * 4]
+
+
+def test_the_update_logs_the_sampler_gap_and_truncates_its_weights(tiny):
+    """The Decoder samples from the trainer's own float32 weights: no gap. With each recorded log p lowered by 1 (every
+    ratio e > 2), the gap is 1 for every token, and --tis-cap 1.5 weighs every token's loss by 1.5: the same update
+    as a kl_coef 1.5 times larger."""
+    import copy
+
+    import opd
+
+    chat, model = tiny
+    teacher = models.load_model(models.resolve_model("tiny-teacher"), "float32", "cpu").requires_grad_(False)
+    episodes = play(chat, ["train-0", "train-1", "train-2"], model)
+
+    def step(eps, **kw):
+        student = copy.deepcopy(model)
+        optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+        return opd.update(student, teacher, eps, optimizer, opd.UpdateConfig(grad_clip=1e9, **kw))
+
+    plain = step(episodes)
+    assert plain["sampler_logp_diff"] < 1e-5 and plain["sampler_ratio_out"] == 0
+    lowered = copy.deepcopy(episodes)
+    for e in lowered:
+        e.sampled_logp = [x - 1.0 for x in e.sampled_logp]
+    capped, scaled = step(lowered, tis_cap=1.5), step(episodes, kl_coef=1.5)
+    assert capped["sampler_logp_diff"] == pytest.approx(1.0, abs=1e-5) and capped["sampler_ratio_out"] == 1.0
+    assert capped["loss"] == pytest.approx(scaled["loss"], rel=1e-5)
+    assert capped["grad_norm"] == pytest.approx(scaled["grad_norm"], rel=1e-5)
+
+
+def test_tis_cap_is_refused_where_there_is_no_sampled_token_to_reweight(tmp_path):
+    from test_cli import script
+
+    done = script("tcod.py", "--tis-cap", "2", "--estimator", "jsd", "--out", str(tmp_path / "run"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: --tis-cap 2.0") and not (tmp_path / "run").exists()

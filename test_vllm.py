@@ -205,6 +205,13 @@ def test_vllm_and_the_decoder_stop_on_the_same_tokens(shipped, stopping):
     assert any(a == x and b == chat.eos for e in ours for a, b in zip(e.ids, e.ids[1:]))
 
 
+def test_a_temperature_vllm_refuses_is_refused_before_any_model_loads(tmp_path):
+    args = small_args(tmp_path, "tiny-student", "tiny-teacher", rollout="vllm", train_temperature=2.5)
+    with pytest.raises(ValueError, match="--train-temperature 2.5: train_temperature must be <= 2 with --rollout vllm"):
+        tcod.main(args)
+    assert not (tmp_path / "run").exists()
+
+
 def test_sync_refuses_an_engine_that_kept_old_weights_or_samples_from_others(shipped, monkeypatch):
     """vLLM's reload_weights warns and keeps the old weights for the names it misses: sync raises; and `check`
     raises when the engine's log-probs are not the student's (here: another model's weights)."""
@@ -251,6 +258,9 @@ def test_a_vllm_run_follows_the_students_updates(tmp_path):
     assert set(ours) == set(theirs) and all(ours[f] == theirs[f] for f in ours)
     key = lambda r: {k: r.get(k) for k in ("step", "traj_kl", "loss", "success", "eval_success", "eval_traj_kl")}  # noqa: E731
     assert [key(r) for r in rows(tmp_path / "hf")] == [key(r) for r in rows(tmp_path / "vllm")]
+    # float32 on both sides: vLLM's log p of each sampled token is the update's (the sampler/trainer gap is ~0)
+    steps = [r for r in rows(tmp_path / "vllm") if r["step"] >= 0]
+    assert all(r["sampler_logp_diff"] < 1e-4 and r["sampler_ratio_out"] == 0 for r in steps)
     assert hf["loss"] == vl["loss"]
 
 

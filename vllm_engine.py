@@ -1,17 +1,26 @@
-"""The student's rollouts on vLLM (`--rollout vllm`): the same token streams as rollout.Decoder, sampled by vLLM.
+"""The student's rollouts on vLLM (`--rollout vllm`): a rollout.Engine, as our Decoder (rollout.Local) is one.
 
 rollout.rollout asks its engine for one reply per active episode, given each episode's whole token stream. vLLM gets
 the stream's token ids (never text: `TokensPrompt`) and returns the sampled ids, so the stream the teacher scores is
 exactly what was sampled. Its prefix cache keeps the KV of the stream's earlier turns (whole blocks), which plays the
 part of the Decoder's cache across turns. The sampling seed of every request is drawn from the step's generator, so a
 step's rollout is a function of (seed, step) and resume is exact, as with the Decoder (the two engines draw different
-random numbers: a run is exact on one engine, not across them).
+random numbers: a run is exact on one engine, not across them). A reply ends at the same tokens as the Decoder's
+(rollout.stop_tokens: the chat's end token and the eos_token_ids of the model's generation config, which vLLM adds
+itself). Each reply also records vLLM's log p of every token it sampled, which the update compares with its own
+(opd.sampler_gap: the sampler/trainer mismatch, and the optional truncated importance weights, --tis-cap).
 
-Weights: the engine starts from the student's directory (the checkpoint on resume) and gets the student's weights
-after every update (`sync`: vLLM's reload_weights, then its prefix cache is dropped, since KV computed with the old
-weights would be stale). A LoRA student's engine starts from the base model and gets base + adapter merged
-(lora.merged_state_dict) at start and after every update. The teacher stays a transformers forward: it scores a whole trajectory in one pass
-(`opd.teacher_logprobs`), where vLLM would score prompt log-probs turn by turn.
+Weights: the engine starts from the student's directory (the checkpoint on resume), checked against the student
+(`check`), and gets the student's weights after every update (`sync`: vLLM's reload_weights, then its prefix cache is
+dropped, since KV computed with the old weights would be stale, then `check`). A LoRA student's engine starts from the
+base model and gets base + adapter merged (lora.merged_state_dict) at start and after every update. `check` compares
+the engine's prompt log-probs over a recent stream with the student's forward: vLLM's reload_weights raises on a name
+it does not know but only warns, keeping the old weights, on one it misses; sync turns that warning into an error.
+
+The teacher stays a transformers forward (opd.teacher_logprobs), not a vLLM engine scoring prompt log-probs: the
+full-vocabulary estimators (forward_kl, reverse_kl, jsd) need the teacher's hidden states and whole distribution at
+every position, and the telemetry needs its argmax (top1), where vLLM returns the top-k log-probs of each position.
+One pass scores a whole trajectory; bench_vllm.py times it against vLLM's prompt log-probs.
 
 Memory: on a GPU the engine takes `memory` (vLLM's gpu_memory_utilization) of the device for its weights and KV
 cache, beside the student's training state and the teacher; on a CPU $VLLM_CPU_KVCACHE_SPACE (GB, default 1 here)
