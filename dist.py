@@ -23,9 +23,11 @@ class Dist:
 
         self.td = td
         self.cuda = torch.cuda.is_available()
+        self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if self.cuda else torch.device("cpu")
+        if self.cuda:  # before the group: NCCL's collectives, and anything else, run on the current device
+            torch.cuda.set_device(self.device)
         td.init_process_group("nccl" if self.cuda else "gloo")
         self.rank, self.world = td.get_rank(), td.get_world_size()
-        self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if self.cuda else torch.device("cpu")
 
     @staticmethod
     def from_env() -> "Dist | None":

@@ -276,3 +276,27 @@ def test_a_vllm_run_resumes_exactly(tmp_path):
     assert [(r["step"], r.get("traj_kl"), r.get("loss")) for r in a] == [(r["step"], r.get("traj_kl"), r.get("loss")) for r in b]
     assert transcripts(tmp_path / "a")["train-step-2.jsonl"] == transcripts(tmp_path / "b")["train-step-2.jsonl"]
     assert resumed["loss"] == full["loss"] and resumed["eval_success"] == full["eval_success"]
+
+
+def test_two_torchrun_ranks_with_vllm_train_as_with_the_decoder_and_shut_down_cleanly(tmp_path):
+    """torchrun, 2 Gloo ranks, greedy: each rank's engine (vLLM's external-launcher mode) plays its share of the
+    episodes as the Decoder does, the run's rows equal a --rollout hf run's, and the engines shut down before the
+    process group (no 'Invalid process group' at exit)."""
+    import subprocess
+    import sys
+
+    from test_faults import cli, free_port
+
+    student, teacher = models.resolve_model("tiny-student"), models.resolve_model("tiny-teacher")
+    out = {}
+    for engine in ("hf", "vllm"):
+        args = small_args(tmp_path / engine, student, teacher, steps=2, tasks_per_step=4, max_turns=4, rollout=engine,
+                          train_temperature=0.0, eval_temperature=0.0)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
+        done = subprocess.run(cmd + cli(args)[1:], capture_output=True, text=True, cwd=os.path.dirname(__file__),
+                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+        out[engine] = (rows(tmp_path / engine), done.stdout + done.stderr)  # (vLLM logs to stdout)
+    assert "Using external launcher" in out["vllm"][1]
+    key = lambda r: {k: r.get(k) for k in ("step", "episodes", "traj_kl", "loss", "eval_success", "eval_traj_kl")}  # noqa: E731
+    assert [key(r) for r in out["vllm"][0]] == [key(r) for r in out["hf"][0]] and len(out["hf"][0]) == 3

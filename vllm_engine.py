@@ -48,12 +48,22 @@ class VLLMEngine:
                                f".venv-vllm): {e}") from e
         cpu = not str(device).startswith("cuda")
         kw = dict(block_size=32) if cpu else dict(gpu_memory_utilization=memory)  # CPU blocks: multiples of 32
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            # torchrun: vLLM's documented mode for engines inside a launcher's ranks. Each rank's engine runs on its
+            # LOCAL_RANK's device (the default executor would put every rank's on cuda:0), and vLLM's groups are cut
+            # from our process group (tensor parallel 1: each engine is whole, its own rank's episodes only)
+            kw["distributed_executor_backend"] = "external_launcher"
         self.llm = LLM(model=model_dir, dtype=dtype, enforce_eager=cpu, seed=seed, enable_prefix_caching=True, **kw)
         self.vocab = vocab  # the tokenizer's ids: a config's padded vocabulary rows are never sampled (as the Decoder)
         self.padded = self.llm.llm_engine.model_config.get_vocab_size() > vocab
         self.dtype = self.llm.llm_engine.model_config.dtype
         self.generation_config = generation_config(model_dir)  # its eos_token_id(s) stop replies (rollout.stop_tokens)
         self.probe: list[int] | None = None  # the stream `check` scores: set by each reply
+
+    def close(self) -> None:
+        """Shut the engine down, its process groups with it (and torchrun's, which vLLM's are cut from): before the
+        process exits, since vLLM's own shutdown at exit would find those groups already destroyed."""
+        self.llm.llm_engine.engine_core.shutdown()
 
     def session(self, generator: torch.Generator) -> "VLLMSession":
         """The engine for one rollout: its seeds come from the rollout's generator."""
