@@ -214,7 +214,7 @@ def test_a_temperature_vllm_refuses_is_refused_before_any_model_loads(tmp_path):
 
 def test_sync_refuses_an_engine_that_kept_old_weights_or_samples_from_others(shipped, monkeypatch):
     """vLLM's reload_weights warns and keeps the old weights for the names it misses: sync raises; and `check`
-    raises when the engine's log-probs are not the student's (here: another model's weights)."""
+    raises when the engine's log-probs are not the student's (another model's weights; a reload that did nothing)."""
     import vllm_engine
 
     chat, path, engine = shipped
@@ -225,6 +225,10 @@ def test_sync_refuses_an_engine_that_kept_old_weights_or_samples_from_others(shi
         engine.check(untrained(path))
     monkeypatch.setattr(vllm_engine, "student_state", lambda m: {k: v for k, v in m.state_dict().items() if "mlp" not in k})
     with pytest.raises(RuntimeError, match="kept some of its old weights"):
+        engine.sync(untrained(path))
+    monkeypatch.undo()
+    monkeypatch.setattr(engine.llm, "collective_rpc", lambda *a, **k: None)  # a reload that silently loads nothing
+    with pytest.raises(RuntimeError, match="does not sample from the student's weights"):
         engine.sync(untrained(path))
     monkeypatch.undo()
     engine.sync(model)
