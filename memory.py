@@ -14,6 +14,15 @@ Everything is the worst case: every episode as long as the context allows. Activ
 cache are exact sizes. The PyTorch allocator reuses the rollout's freed blocks for the update, so the two phases
 share memory, but fragmentation can cost a few more percent: keep some headroom.
 
+vLLM (--rollout vllm, vllm_engine.py): the engine, not the student, samples, so the rollout phase holds the engine's
+bf16 copy of the student's weights and its KV cache (the same worst case) in place of the Decoder's cache and autocast
+copies, plus an allowance for what vLLM reserves besides (its forward over a batch of ENGINE_BATCH_TOKENS tokens, its
+sampler's logits for every sequence, CUDA graphs and workspaces: ENGINE_FIXED). vLLM reserves its share of the device
+(gpu_memory_utilization) for the whole run; with sleep mode (level 2, on CUDA) it frees its weights and KV cache for
+the update and gets them back with the next sync, so they count in the rollout phase only, the allowance always. On a
+CPU it holds its float32 weights and $VLLM_CPU_KVCACHE_SPACE GiB of KV cache always (no sleep mode there).
+`engine_share` turns the engine's items into the share tcod.py passes as gpu_memory_utilization.
+
 LoRA (--lora-rank R, lora.py): the base is frozen in the forwards' dtype (bf16 on GPU) and only the adapters train,
 so the float32 weights, AdamW state, gradients and autocast copies are the adapter's (`lora_param_count`), and the
 update's activations gain each adapted layer's input (kept for A's gradient) and its rank-R projection.
@@ -30,6 +39,8 @@ import shutil
 from dataclasses import dataclass, replace
 
 GiB = 1 << 30
+ENGINE_BATCH_TOKENS = 8192  # vllm_engine.py's max_num_batched_tokens: the largest forward vLLM profiles and runs
+ENGINE_FIXED = 2 * GiB  # allowance: CUDA graphs, cuBLAS/NCCL workspaces, the CUDA context (not measured: no GPU here)
 TOKENIZER_BYTES = 32 << 20  # allowance for the saved tokenizer files (Qwen's: ~11 MB on disk)
 
 
@@ -217,6 +228,10 @@ class Setting:
     logits_per_chunk: int = 1 << 24  # kl.LOGITS_PER_CHUNK
     lora_rank: int = 0  # 0: full fine-tuning
     lora_targets: tuple[str, ...] = ()
+    rollout: str = "hf"  # "vllm": a vLLM engine samples (its items replace the Decoder's rollout ones)
+    engine_sleeps: bool = False  # vLLM's sleep mode: the engine's weights and KV cache are freed for the update
+    engine_reserved: int = 0  # bytes of an explicit --vllm-memory share (0: the engine's own items, as planned)
+    engine_kv_bytes: int | None = None  # a fixed KV reservation (a CPU's $VLLM_CPU_KVCACHE_SPACE); None: the worst case
 
 
 @dataclass(frozen=True)
@@ -254,14 +269,60 @@ def plan(student_config, teacher_config, s: Setting) -> list[Item]:
     if s.compute_bytes < s.student_bytes:  # autocast keeps a bf16 copy of each weight it casts within the forward
         for phase in ("rollout", "update"):
             items.append(Item(sd, phase, "bf16 weight copies (autocast)", n_s * s.compute_bytes))
-    return items
+    return with_engine(items, student, s, n_s)
+
+
+def with_engine(items: list[Item], student, s: Setting, n_params: int) -> list[Item]:
+    """--rollout vllm: the engine's items in place of the Decoder's rollout-phase ones (see the module's notes)."""
+    if s.rollout != "vllm":
+        return items
+    sd, dt = s.student_device, {2: "bf16", 4: "fp32"}[s.compute_bytes]
+    cuda = sd.startswith("cuda")
+    phase = "rollout" if s.engine_sleeps else "always"
+    weights = n_params * s.compute_bytes
+    kv = s.engine_kv_bytes if s.engine_kv_bytes is not None else kv_cache_bytes(student, s.tasks_per_step, s.max_context, s.compute_bytes)
+    extra = no_grad_forward_bytes(student, ENGINE_BATCH_TOKENS, s.compute_bytes) + (
+        3 * s.tasks_per_step * as_config(student).vocab_size * 4 + ENGINE_FIXED if cuda else 0)
+    if s.engine_reserved:  # vLLM takes the whole share, whatever it needs: its KV cache gets the rest
+        kv = max(s.engine_reserved - weights - extra, 0)
+    kept = [i for i in items if not (i.device == sd and i.phase == "rollout")]
+    return kept + [
+        Item(sd, phase, f"vLLM weights ({dt})", weights),
+        Item(sd, phase, f"vLLM KV cache ({'the rest of --vllm-memory' if s.engine_reserved else f'{s.tasks_per_step} episodes x {s.max_context} tokens'})", kv),
+        Item(sd, "always", "vLLM activations, sampler" + (", CUDA graphs, workspaces" if cuda else "") + " (allowance)", extra),
+    ]
+
+
+def engine_setting(rollout: str, device: str, share: float | None, sleep: bool) -> dict:
+    """The Setting fields of --rollout, --vllm-memory and --vllm-sleep on the student's device (sleep mode: CUDA only;
+    an explicit share: of the device's total memory, when this machine has the device)."""
+    if rollout != "vllm":
+        return {}
+    if not device.startswith("cuda"):  # vllm_engine.py: $VLLM_CPU_KVCACHE_SPACE GiB (it sets 1 when unset)
+        return dict(rollout="vllm", engine_kv_bytes=int(float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")) * GiB))
+    total = device_total(device)
+    return dict(rollout="vllm", engine_sleeps=sleep, engine_reserved=int(share * total) if share and total else 0)
+
+
+def device_total(device: str) -> int | None:
+    import torch
+
+    d = torch.device(device)
+    if d.type != "cuda" or not torch.cuda.is_available() or (d.index or 0) >= torch.cuda.device_count():
+        return None
+    return torch.cuda.mem_get_info(d)[1]
+
+
+def engine_share(items: list[Item], device: str, total: int) -> float:
+    """The engine's share of a device of `total` bytes: its items' sum over the total (vLLM's gpu_memory_utilization)."""
+    return sum(i.bytes for i in items if i.device == device and i.what.startswith("vLLM")) / total
 
 
 def lora_plan(student, teacher, s: Setting) -> list[Item]:
     """The plan of a LoRA student: a frozen base (no gradients, no optimizer state, no autocast copies when it is
     already in the compute dtype) and float32 adapters that hold all of the trainable state."""
     n_s, n_t, n_a = param_count(student), param_count(teacher), lora_param_count(student, s.lora_rank, s.lora_targets)
-    full = plan(student, teacher, replace(s, lora_rank=0))  # the shared rows: teacher, KV cache, logits, teacher forward
+    full = plan(student, teacher, replace(s, lora_rank=0, rollout="hf"))  # the shared rows: teacher, KV cache, logits, teacher forward
     tokens, dt, sd = s.micro_batch * s.max_context, {2: "bf16", 4: "fp32"}, s.student_device
     acts = activation_bytes(student, tokens, s.gradient_checkpointing, s.compute_bytes, s.student_bytes)
     layers = 1 if s.gradient_checkpointing else as_config(student).num_hidden_layers
@@ -279,7 +340,7 @@ def lora_plan(student, teacher, s: Setting) -> list[Item]:
     if s.compute_bytes < 4:  # autocast's bf16 copies: of the adapters, and of the base if it is not already bf16
         copies = n_a * s.compute_bytes + (n_s * s.compute_bytes if s.compute_bytes < s.student_bytes else 0)
         items += [Item(sd, phase, "bf16 weight copies (autocast)", copies) for phase in ("rollout", "update")]
-    return items
+    return with_engine(items, student, s, n_s)
 
 
 def needs(items: list[Item]) -> dict[str, int]:

@@ -225,7 +225,7 @@ RUN_KEYS = ("env", "student", "teacher", "curriculum", "seed")  # an args.json h
 # are evaluated and saved. Every other difference would make a different experiment and is refused.
 RESUME_FREE = ("steps", "device", "teacher_device", "env_workers", "env_timeout", "micro_batch", "gradient_checkpointing",
                "eval_every", "save_every", "max_bad_steps", "out", "transcript_every", "transcript_episodes", "dry_run",
-               "track", "eval", "vllm_memory", "force")
+               "track", "eval", "vllm_memory", "vllm_sleep", "force")
 PER_INVOCATION = ("resume", "force", "dry_run")  # about this command only: never taken from a run's args.json
 
 

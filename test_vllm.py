@@ -205,6 +205,27 @@ def test_vllm_and_the_decoder_stop_on_the_same_tokens(shipped, stopping):
     assert any(a == x and b == chat.eos for e in ours for a, b in zip(e.ids, e.ids[1:]))
 
 
+def test_the_dry_run_plans_the_engine(tmp_path, monkeypatch, capsys):
+    """On a CPU: vLLM's float32 weights, its $VLLM_CPU_KVCACHE_SPACE of KV cache and its batch's forward, held
+    throughout, in place of the Decoder's KV cache; no model loads."""
+    import memory
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    monkeypatch.setattr(tcod, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    kw = dict(tasks_per_step=4, steps=1, eval_tasks=2, max_turns=4, out=str(tmp_path / "run"), device="cpu", dry_run=True)
+    hf, vl = tcod.main(tcod.Args(**kw)), tcod.main(tcod.Args(rollout="vllm", **kw))
+    assert "vLLM weights (fp32" in capsys.readouterr().out
+    cfg = models.model_config("tiny-student")
+    items = memory.plan(cfg, models.model_config("tiny-teacher"), memory.Setting(
+        student_device="cpu", teacher_device="cpu", micro_batch=4, max_context=2048, tasks_per_step=4,
+        gradient_checkpointing=False, compute_bytes=4, teacher_bytes=4))
+    phase = lambda p: sum(i.bytes for i in items if i.phase == p)  # noqa: E731
+    engine = memory.param_count(cfg) * 4 + memory.GiB + memory.no_grad_forward_bytes(cfg, memory.ENGINE_BATCH_TOKENS, 4)
+    assert hf["needs"] == {"cpu": phase("always") + max(phase("rollout"), phase("update"))}
+    assert vl["needs"] == {"cpu": phase("always") + engine + phase("update")} and vl["needs"] != hf["needs"]
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_temperature_vllm_refuses_is_refused_before_any_model_loads(tmp_path):
     args = small_args(tmp_path, "tiny-student", "tiny-teacher", rollout="vllm", train_temperature=2.5)
     with pytest.raises(ValueError, match="--train-temperature 2.5: train_temperature must be <= 2 with --rollout vllm"):
@@ -304,3 +325,25 @@ def test_two_torchrun_ranks_with_vllm_train_as_with_the_decoder_and_shut_down_cl
     assert "Using external launcher" in out["vllm"][1]
     key = lambda r: {k: r.get(k) for k in ("step", "episodes", "traj_kl", "loss", "eval_success", "eval_traj_kl")}  # noqa: E731
     assert [key(r) for r in out["vllm"][0]] == [key(r) for r in out["hf"][0]] and len(out["hf"][0]) == 3
+
+
+def test_the_engine_sleeps_through_each_update_and_wakes_in_vllms_order(tmp_path, monkeypatch):
+    """Sleep mode is CUDA's: here its calls are recorded, not made. Each step: the rollout, sleep(level 2) before the
+    update, then the sync wakes the weights' memory, reloads the weights, wakes the KV cache and resets the cache."""
+    import vllm_engine
+
+    calls = []
+
+    class Recorded(vllm_engine.VLLMEngine):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.sleeps = k["sleep"]
+            for name in ("sleep", "wake_up", "collective_rpc", "reset_prefix_cache"):
+                real = getattr(self.llm, name) if name in ("collective_rpc", "reset_prefix_cache") else (lambda *a, **k: None)
+                setattr(self.llm, name, lambda *a, _n=name, _f=real, **k: (calls.append((_n, k.get("level", k.get("tags")))), _f(*a, **k))[1])
+
+    monkeypatch.setattr(vllm_engine, "VLLMEngine", Recorded)
+    student, teacher = models.resolve_model("tiny-student"), models.resolve_model("tiny-teacher")
+    tcod.main(small_args(tmp_path, student, teacher, rollout="vllm", steps=2, max_turns=4, eval=False))
+    step = [("sleep", 2), ("wake_up", ["weights"]), ("collective_rpc", None), ("wake_up", ["kv_cache"]), ("reset_prefix_cache", None)]
+    assert calls == step * 2

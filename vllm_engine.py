@@ -38,7 +38,8 @@ from rollout import stop_tokens
 
 
 class VLLMEngine:
-    def __init__(self, model_dir: str, vocab: int, device: str, dtype: str = "auto", memory: float = 0.3, seed: int = 0):
+    def __init__(self, model_dir: str, vocab: int, device: str, dtype: str = "auto", memory: float | None = None,
+                 seed: int = 0, sleep: bool = False, max_seqs: int | None = None):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # one process: weights sync by reference
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         try:
@@ -47,7 +48,14 @@ class VLLMEngine:
             raise RuntimeError(f"--rollout vllm needs vllm (see requirements-vllm.txt; on a CPU: .ci/vllm builds "
                                f".venv-vllm): {e}") from e
         cpu = not str(device).startswith("cuda")
-        kw = dict(block_size=32) if cpu else dict(gpu_memory_utilization=memory)  # CPU blocks: multiples of 32
+        from memory import ENGINE_BATCH_TOKENS
+
+        # what the memory plan counts: its batch of tokens, at most max_seqs sequences (a rollout's episodes) at once
+        kw = dict(max_num_batched_tokens=ENGINE_BATCH_TOKENS, **(dict(max_num_seqs=max_seqs) if max_seqs else {}))
+        if cpu:
+            kw |= dict(block_size=32)  # CPU blocks: multiples of 32
+        else:
+            kw |= dict(enable_sleep_mode=sleep, **(dict(gpu_memory_utilization=memory) if memory else {}))
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             # torchrun: vLLM's documented mode for engines inside a launcher's ranks. Each rank's engine runs on its
             # LOCAL_RANK's device (the default executor would put every rank's on cuda:0), and vLLM's groups are cut
@@ -59,6 +67,15 @@ class VLLMEngine:
         self.dtype = self.llm.llm_engine.model_config.dtype
         self.generation_config = generation_config(model_dir)  # its eos_token_id(s) stop replies (rollout.stop_tokens)
         self.probe: list[int] | None = None  # the stream `check` scores: set by each reply
+        self.sleeps, self.asleep = sleep and not cpu, False  # (vLLM's sleep mode is CUDA's)
+
+    def sleep(self) -> None:
+        """Before an update: free the engine's weights and KV cache (vLLM's sleep level 2: the next sync reloads the
+        weights anyway), so that they and the update's gradients and activations are not held at once. A no-op
+        without sleep mode (on a CPU, or --no-vllm-sleep)."""
+        if self.sleeps and not self.asleep:
+            self.llm.sleep(level=2)
+            self.asleep = True
 
     def close(self) -> None:
         """Shut the engine down, its process groups with it (and torchrun's, which vLLM's are cut from): before the
@@ -74,10 +91,15 @@ class VLLMEngine:
         """Load the student's current weights into the engine, drop the KV computed with the old ones, and check that
         the engine now samples from them."""
         weights = list(student_state(model).items())  # tied embeddings: state_dict holds lm_head.weight too
+        if self.asleep:  # vLLM's documented order after a level-2 sleep: weights' memory, the weights, the KV cache
+            self.llm.wake_up(tags=["weights"])
         with LoadWarnings() as missed:  # reload_weights raises on a name it does not know, only warns on one it misses
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         if missed.messages:
             raise RuntimeError(f"the vLLM engine kept some of its old weights: {' '.join(missed.messages)[:500]}")
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
         self.llm.reset_prefix_cache()
         self.check(model)
 
