@@ -20,11 +20,14 @@ it does not know but only warns, keeping the old weights, on one it misses; sync
 The teacher stays a transformers forward (opd.teacher_logprobs), not a vLLM engine scoring prompt log-probs: the
 full-vocabulary estimators (forward_kl, reverse_kl, jsd) need the teacher's hidden states and whole distribution at
 every position, and the telemetry needs its argmax (top1), where vLLM returns the top-k log-probs of each position.
-One pass scores a whole trajectory; bench_vllm.py times it against vLLM's prompt log-probs.
+Not speed: on the CPU build vLLM's prompt log-probs score the same episodes about twice as fast (bench_vllm.py).
 
-Memory: on a GPU the engine takes `memory` (vLLM's gpu_memory_utilization) of the device for its weights and KV
-cache, beside the student's training state and the teacher; on a CPU $VLLM_CPU_KVCACHE_SPACE (GB, default 1 here)
-sizes its cache. Under torchrun each rank has its own engine on its own device, for its own share of the episodes.
+Memory: on a GPU the engine takes `memory` (vLLM's gpu_memory_utilization; tcod.py: the memory plan's engine items
+over the device, memory.with_engine) of the device for its weights, KV cache and working memory, beside the student's
+training state and the teacher; with `sleep` (vLLM's sleep mode, level 2) it frees its weights and KV cache for each
+update (`sleep`) and the next sync wakes them. On a CPU $VLLM_CPU_KVCACHE_SPACE (GB, default 1 here) sizes its cache.
+Under torchrun each rank has its own engine (vLLM's external-launcher mode) on its LOCAL_RANK's device, for its own
+share of the episodes; `close` shuts it down before the process group goes.
 """
 
 from __future__ import annotations
