@@ -24,6 +24,7 @@ import shutil
 
 import torch
 
+import fsdp
 import lora
 
 # Short names -> Hugging Face ids: the paper's pairs (Qwen2.5-3B/7B <- Qwen2.5-7B, Qwen3-1.7B/4B <- Qwen3-30B-A3B)
@@ -599,5 +600,7 @@ def load_model(path: str, dtype: str, device: str):
         model = lora.merge(lora.add_lora(base, s["rank"], s["alpha"], s["dropout"], s["targets"], adapter_dir=path))
         return model.eval()
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    if os.path.isdir(path) and fsdp.is_sharded_checkpoint(path):  # a --fsdp run's checkpoint: its shards as one model
+        return fsdp.consolidated(path, torch_dtype, device)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device)
     return model.eval()

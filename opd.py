@@ -199,7 +199,11 @@ def score_and_update(student, teacher, episodes, optimizer, cfg: UpdateConfig, d
     student.train()
     optimizer.zero_grad(set_to_none=True)
     loss_total, kl_tokens = 0.0, []  # kl_tokens: per_token's records, one per student token
-    for mb in microbatches(episodes, cfg.micro_batch):
+    passes = microbatches(episodes, cfg.micro_batch)
+    for mb in dist.even_passes(passes) if dist else passes:
+        if mb is None:  # --fsdp: this rank has no micro-batch left; a zero-weight pass keeps it in step (fsdp.py)
+            dist.empty_pass(student, amp)
+            continue
         ids, targets, turn_ids = batch_tensors(episodes, mb, turns, device)
         w = torch.zeros(ids.shape, dtype=torch.float32, device=device)
         for r, i in enumerate(mb):

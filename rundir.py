@@ -28,12 +28,13 @@ import memory
 
 def nonfinite(student, optimizer) -> str | None:
     """The first weight or optimizer-state tensor holding a NaN or inf, by name; None when all are finite."""
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # --fsdp: this rank's shard (fsdp.nonfinite)
     for name, p in student.named_parameters():
-        if not torch.isfinite(p).all():
+        if not torch.isfinite(local(p)).all():
             return f"weight {name}"
     for i, state in enumerate(optimizer.state.values()):
         for key, v in state.items():
-            if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all():
+            if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(local(v)).all():
                 return f"optimizer state {key} of parameter {i}"
     return None
 
@@ -121,8 +122,13 @@ def checkpoint_problem(ckpt: str) -> str | None:
     names = sorted(os.listdir(ckpt))
     if "trainer.pt" not in names:
         return "trainer.pt is missing"
-    if not any(n.endswith((".safetensors", ".bin")) for n in names):
+    if not any(n.endswith((".safetensors", ".bin", ".distcp")) for n in names):
         return "it holds no weights"
+    if ".metadata" in names:  # a --fsdp run's: every rank's shard file, whole
+        import fsdp
+
+        if problem := fsdp.checkpoint_problem(ckpt):
+            return problem
     for name in names:
         if problem := file_problem(os.path.join(ckpt, name)):
             return f"{name} is {problem}"

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 import cli
 import fingerprint
+import fsdp
 import kl
 import lora
 import memory
@@ -177,6 +178,10 @@ class Args:
     """dropout on the adapters' input in the update; 0 by default so the scored policy is the one that sampled"""
     lora_targets: tuple[str, ...] = lora.DEFAULT_TARGETS
     """the linear modules that get adapters: every attention and MLP projection of a Qwen/Llama layer by default"""
+    fsdp: bool = False
+    """under torchrun: shard the student's float32 weights, gradients and AdamW state over the ranks with PyTorch's
+    FSDP2 (fsdp.py; bf16 compute, float32 reduction; the teacher replicated in bf16), for students whose training state
+    does not fit one GPU (7B: 122 GB); sharded checkpoints (`python fsdp.py export` makes a plain model of one)"""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -276,6 +281,7 @@ def check_args(args: Args) -> None:
     if args.max_context is not None:
         need(args.max_context > args.max_new_tokens, "max_context", f"more than --max-new-tokens {args.max_new_tokens} "
              "plus a prompt")
+    fsdp.check_args(args)
 
 
 SEED_LIMIT = 2**32  # a step's seeds are seed * 100_003 + step (+ 1_000_003 * rank): far below torch's 2^64 limit
@@ -327,6 +333,7 @@ def memory_plan(args: Args) -> dict:
         max_context=min(args.max_context or limit, limit), tasks_per_step=args.tasks_per_step,
         gradient_checkpointing=args.gradient_checkpointing, compute_bytes=fast[0], teacher_bytes=fast[1],
         logits_per_chunk=kl.LOGITS_PER_CHUNK, lora_rank=args.lora_rank, lora_targets=tuple(args.lora_targets),
+        shards=fsdp.world() if args.fsdp else 1,  # --fsdp: the plan of one rank
         **({"student_bytes": fast[0]} if args.lora_rank else {}),  # LoRA: the frozen base in the forwards' dtype
     )
     capacity = {d: memory.device_capacity(d) for d in devices}
@@ -352,7 +359,7 @@ def main(args: Args) -> dict:
 
 
 def run(args: Args, locks: list) -> dict:
-    dist = Dist.from_env()
+    dist = (fsdp.ShardedDist if args.fsdp else Dist).from_env()
     if dist and dist.cuda and args.device is None:
         args.device = str(dist.device)
     args = resolve_args(args)
@@ -404,6 +411,8 @@ def run(args: Args, locks: list) -> dict:
         student = lora.add_lora(load_model(resolve_model(args.student), teacher_dtype, args.device), args.lora_rank,
                                 args.lora_alpha, args.lora_dropout, args.lora_targets, adapter_dir=ckpt,
                                 seed=args.seed)
+    elif args.fsdp:  # every rank reads its shards only (of the checkpoint's weights on a resume)
+        student = fsdp.load_student(ckpt or resolve_model(args.student), dist, amp, args.gradient_checkpointing)
     else:
         student = load_model(ckpt or resolve_model(args.student), student_dtype, args.device)
     teacher = load_model(resolve_model(args.teacher), teacher_dtype, args.teacher_device or args.device).requires_grad_(False)
@@ -423,7 +432,10 @@ def run(args: Args, locks: list) -> dict:
     start, bad_in_a_row = 0, 0
     if ckpt:
         state = torch.load(os.path.join(ckpt, "trainer.pt"), weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
+        if args.fsdp:
+            fsdp.load_optimizer(student, optimizer, ckpt)  # AdamW's state is in the shards
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         curriculum = Curriculum.from_state_dict(state["curriculum"])
         start, bad_in_a_row = state["step"], state.get("bad_in_a_row", 0)
         if lead:  # the resume can start: only now does the run change. Rows past the checkpoint belong to steps that
@@ -455,12 +467,14 @@ def run(args: Args, locks: list) -> dict:
         In an env with an expert (TinyWorld), also the teacher's support over the states the student visited, in the
         eval episodes and in the step's training episodes (support.py)."""
         mine = dist.shard(eval_tasks) if dist else eval_tasks
-        episodes = evaluate(student, chat, envs, env, mine, batch=args.tasks_per_step, temperature=args.eval_temperature,
-                            max_new_tokens=args.max_new_tokens, think=args.think, prompt=args.prompt, engine=engine,
-                            max_turns=args.max_turns, max_context=max_context, seed=args.seed + 1_000 * rank_seed, amp=amp,
-                            desc=f"eval at step {step}" if lead else None)
+        with fsdp.gathered(student):  # --fsdp: every layer gathered once, for the eval rollout and its scoring
+            episodes = evaluate(student, chat, envs, env, mine, batch=args.tasks_per_step, temperature=args.eval_temperature,
+                                max_new_tokens=args.max_new_tokens, think=args.think, prompt=args.prompt, engine=engine,
+                                max_turns=args.max_turns, max_context=max_context, seed=args.seed + 1_000 * rank_seed, amp=amp,
+                                desc=f"eval at step {step}" if lead else None)
+            scored = score_episodes(student, teacher, episodes, args.micro_batch, amp)
         track.kill_point("eval", step)  # a test hook (TCOD_KILL_AT); nothing otherwise
-        episodes, kl_tokens = gather_episodes(dist, episodes, score_episodes(student, teacher, episodes, args.micro_batch, amp))
+        episodes, kl_tokens = gather_episodes(dist, episodes, scored)
         klm = kl_metrics(kl_tokens, len(episodes), args.max_turns)
         if lead and args.transcript_episodes:
             transcripts.write(os.path.join(args.out, "transcripts", f"eval-step-{step}.jsonl"), episodes, tok, kl_tokens, args.transcript_episodes)
@@ -499,8 +513,9 @@ def run(args: Args, locks: list) -> dict:
         # B2F plays a task that has no successful demonstration from scratch, and counts it (no_demo).
         plans = [curriculum.plan(n, len(demos[t])) if demos.get(t) else Plan(0, args.max_turns) if args.curriculum == "b2f" else curriculum.plan(n, None) for t in tasks]
         no_demo = sum(args.curriculum == "b2f" and not demos[t] for t in tasks)
-        episodes = rollout(student, chat, envs, env, tasks, plans, [demos.get(t) for t in tasks], temperature=args.train_temperature, generator=gen, amp=amp,
-                           desc=f"rollout {n}" if lead else None, **kwargs)
+        with fsdp.gathered(student):  # --fsdp: every layer gathered once per rollout, not at every token
+            episodes = rollout(student, chat, envs, env, tasks, plans, [demos.get(t) for t in tasks], temperature=args.train_temperature, generator=gen, amp=amp,
+                               desc=f"rollout {n}" if lead else None, **kwargs)
         t1 = time.time()
         step_update = update(student, teacher, episodes, optimizer, update_config(args), dist)
         if engine is not None:
@@ -541,8 +556,12 @@ def run(args: Args, locks: list) -> dict:
         row["step_tokens_per_s"] = sum(e.reply_tokens for e in episodes) / max(row["time_step"] - row.get("time_eval", 0), 1e-9)
         if lead:
             record(row)  # before the checkpoint: a kill in between only repeats this step
-            if last or (n + 1) % args.save_every == 0:
+        if last or (n + 1) % args.save_every == 0:
+            if args.fsdp:  # every rank writes its shards
+                fsdp.save_checkpoint(dist, args.out, student, tok, optimizer, curriculum, n + 1, bad_in_a_row)
+            elif lead:
                 save_checkpoint(args.out, student, tok, optimizer, curriculum, n + 1, bad_in_a_row)
+            if lead:
                 track.kill_point("checkpoint", n)  # a test hook (TCOD_KILL_AT)
         if bad_in_a_row >= args.max_bad_steps:
             raise RuntimeError(
