@@ -53,6 +53,7 @@ import os
 import shutil
 import sys
 import types
+import warnings
 
 import torch
 
@@ -192,8 +193,11 @@ def read_weights(model, path: str) -> None:
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
     state = distinct_state(model)
+    alone = not is_sharded(model)  # a plain model: this process reads every shard itself, with or without other ranks
     if is_sharded_checkpoint(path):
-        dcp.load({"model": state}, checkpoint_id=path)
+        with warnings.catch_warnings():  # dcp warns of every single-process load, even one asked for
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({"model": state}, checkpoint_id=path, no_dist=alone)
     else:
         reader = dcp.HuggingFaceStorageReader(path)
         stored = reader.read_metadata().state_dict_metadata
@@ -201,7 +205,7 @@ def read_weights(model, path: str) -> None:
             raise ValueError(f"--fsdp reads the weights from {path}'s safetensors files by name, and {len(missing)} of the "
                              f"model's are not there ({', '.join(missing[:3])}{', ...' * (len(missing) > 3)}): a model stored "
                              "under other names or in .bin files is not supported with --fsdp")
-        dcp.load(state, storage_reader=reader)
+        dcp.load(state, storage_reader=reader, no_dist=alone)
     for name, first in tied_names(model).items():
         state[name] = state[first]
     set_model_state_dict(model, state)
@@ -240,6 +244,8 @@ def load_optimizer(model, optimizer, ckpt: str) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
+    if not torch.load(os.path.join(ckpt, "trainer.pt"), weights_only=False)["optimizer_in_shards"]:
+        return  # saved before any step was taken: AdamW starts fresh, as it would have gone on
     state = {"optim": get_optimizer_state_dict(model, optimizer)}  # a zero step at lr 0 makes the state to fill
     dcp.load(state, checkpoint_id=ckpt)
     set_optimizer_state_dict(model, optimizer, state["optim"])
@@ -303,11 +309,13 @@ def save_checkpoint(dist: ShardedDist, out: str, model, tok, optimizer, curricul
         if problem:
             raise problem
         raise RuntimeError(f"rank 0 could not start the step-{step} checkpoint: {said}")
-    state = {"model": distinct_state(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    # AdamW has no state before its first step (every update so far skipped): asking dcp for it would make one
+    stepped = bool(optimizer.state)
+    state = {"model": distinct_state(model)} | ({"optim": get_optimizer_state_dict(model, optimizer)} if stepped else {})
     try:
         dcp.save(state, checkpoint_id=tmp)
-    except Exception as e:  # dcp gathers every rank's failure into one CheckpointException
-        causes = list(getattr(e, "failures", {}).values()) + [e]
+    except Exception as e:  # dcp gathers every rank's failure into one CheckpointException: {rank: (exception, trace)}
+        causes = [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()] + [e]
         if not any(rundir.disk_full(c) for c in causes if isinstance(c, BaseException)):
             raise
         raise OSError(errno.ENOSPC, f"the disk is full: writing the step-{step} checkpoint to {tmp} failed; the last "
@@ -315,8 +323,8 @@ def save_checkpoint(dist: ShardedDist, out: str, model, tok, optimizer, curricul
     if lead:
         tok.save_pretrained(tmp)
         model.config.save_pretrained(tmp)
-        torch.save({"curriculum": curriculum.state_dict(), "step": step, "bad_in_a_row": bad_in_a_row, "ranks": dist.world},
-                   os.path.join(tmp, "trainer.pt"))  # the optimizer is in the shards
+        torch.save({"curriculum": curriculum.state_dict(), "step": step, "bad_in_a_row": bad_in_a_row, "ranks": dist.world,
+                    "optimizer_in_shards": stepped}, os.path.join(tmp, "trainer.pt"))
         if os.path.isfile(os.path.join(out, "args.json")):
             shutil.copy(os.path.join(out, "args.json"), tmp)
         rundir.follow_umask(tmp)

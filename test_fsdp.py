@@ -94,7 +94,8 @@ def torchrun(args: tcod.Args, *extra: str) -> subprocess.CompletedProcess:
 
 def test_sharded_checkpoint_exports_to_a_plain_model(model_dirs, tmp_path):
     student, teacher = model_dirs
-    args = small_args(tmp_path, student, teacher, steps=1, tasks_per_step=4, fsdp=True, lr=1e-2, eval=False)
+    # bf16-mixed, the GPU's precision (bf16 gathers, float32 shards and reduction), runs on Gloo too
+    args = small_args(tmp_path, student, teacher, steps=1, tasks_per_step=4, fsdp=True, lr=1e-2, eval=False, dtype="bf16-mixed")
     torchrun(args)
     ckpt = os.path.join(args.out, "ckpt")
     assert sorted(n for n in os.listdir(ckpt) if n.endswith(".distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # a part a rank
@@ -108,6 +109,7 @@ def test_sharded_checkpoint_exports_to_a_plain_model(model_dirs, tmp_path):
     direct = models.load_model(ckpt, "float32", "cpu")
     first = models.load_model(student, "float32", "cpu")
     assert exported.lm_head.weight is exported.model.embed_tokens.weight  # still tied
+    assert exported.dtype == torch.float32  # the master weights
     moved = False
     for (name, p), q, r in zip(exported.named_parameters(), direct.parameters(), first.parameters()):
         assert torch.equal(p, q), name
@@ -123,17 +125,16 @@ def test_sharded_checkpoint_exports_to_a_plain_model(model_dirs, tmp_path):
     assert "__1_0.distcp, a shard .metadata names, is missing" in rundir.checkpoint_problem(damaged)
 
 
-@pytest.mark.slow
 def test_sharded_run_resumes_exactly(model_dirs, tmp_path):
     student, teacher = model_dirs
     kw = dict(eval_tasks=4, tasks_per_step=4, fsdp=True, lr=1e-2)
-    whole = small_args(tmp_path, student, teacher, steps=3, save_every=3, out=str(tmp_path / "whole"), **kw)
-    part = small_args(tmp_path, student, teacher, steps=2, save_every=2, out=str(tmp_path / "part"), **kw)
+    whole = small_args(tmp_path, student, teacher, steps=2, save_every=2, out=str(tmp_path / "whole"), **kw)
+    part = small_args(tmp_path, student, teacher, steps=1, save_every=1, out=str(tmp_path / "part"), **kw)
     torchrun(whole)
     torchrun(part)
-    torchrun(dataclasses.replace(part, steps=3), "--resume")
+    torchrun(dataclasses.replace(part, steps=2), "--resume")  # AdamW's state, the curriculum and the step from the shards
     a, b = (rundir.read_metrics(os.path.join(o, "metrics.jsonl")) for o in (whole.out, part.out))
-    assert [r["step"] for r in b] == [r["step"] for r in a] == [-1, 0, 1, 2]
+    assert [r["step"] for r in b] == [r["step"] for r in a] == [-1, 0, 1]
     for ra, rb in zip(a, b):
         for key in ("traj_kl", "loss", "grad_norm", "success", "eval_success", "eval_traj_kl"):
             if key in ra:
