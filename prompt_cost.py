@@ -30,8 +30,8 @@ class Args:
     """where the rows (task, actions, tokens per style) go"""
 
 
-def stream_tokens(tok, env, task: str, actions: list[str], style: str, think: bool = True) -> int:
-    """Tokens of the episode's stream: every user message and reply, up to the last reply's eos."""
+def stream_tokens(tok, env, task: str, actions: list[str], style: str, think: bool = True) -> tuple[int, int]:
+    """Tokens of the episode's stream (every user message and reply, up to the last reply's eos), and its turns."""
     step, prompter = env.reset(task), Prompter(style, env, think)
     messages = [{"role": "user", "content": prompter.first(step)}]
     for action in actions:
@@ -42,7 +42,7 @@ def stream_tokens(tok, env, task: str, actions: list[str], style: str, think: bo
         messages.append({"role": "user", "content": prompter.after(action, step)})
     text = tok.apply_chat_template(messages, tokenize=False)
     text = text[: text.rindex(tok.eos_token) + len(tok.eos_token)]
-    return len(tok(text, add_special_tokens=False)["input_ids"])
+    return len(tok(text, add_special_tokens=False)["input_ids"]), sum(m["role"] == "assistant" for m in messages)
 
 
 def main(args: Args) -> dict:
@@ -56,12 +56,13 @@ def main(args: Args) -> dict:
         try:
             task = earlier[name]["task"] if name in earlier else env.tasks(env.eval_splits[0])[0]
             actions = earlier[name]["actions"] if name in earlier else env.demo(task)
-            tokens = {style: stream_tokens(tok, env, task, actions, style) for style in STYLES}
+            counted = {style: stream_tokens(tok, env, task, actions, style) for style in STYLES}
         finally:
             env.close()
-        rows[name] = dict(task=task, actions=actions, tokens=tokens)
+        tokens, turns = {style: n for style, (n, _) in counted.items()}, counted["paper"][1]
+        rows[name] = dict(task=task, actions=actions, turns=turns, tokens=tokens)
         print(f"{name:13s} {tokens['paper']:7,d} paper vs {tokens['compact']:6,d} compact tokens "
-              f"({tokens['paper'] / tokens['compact']:.1f}x), {len(actions)} actions, {task}", flush=True)
+              f"({tokens['paper'] / tokens['compact']:.1f}x), {turns} turns, {task}", flush=True)
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=1)
     return rows

@@ -117,7 +117,7 @@ def test_prompt_cost_counts_the_rollouts_stream(tok, chat, scripted, style):  # 
     (ep,) = rollout.rollout(None, chat, EnvPool("tinyworld", {}, 0), env, [task], [Plan(0, 20)], [None],
                             temperature=1.0, max_new_tokens=64, max_turns=20, max_context=1 << 16, think=True,
                             prompt=style, generator=None)
-    assert ep.success and prompt_cost.stream_tokens(tok, env, task, demo, style, think=True) == len(ep.ids)
+    assert ep.success and prompt_cost.stream_tokens(tok, env, task, demo, style, think=True) == (len(ep.ids), ep.turns)
 
 
 # ---- each benchmark gives the parts the paper template lays out, consistent with its compact text
