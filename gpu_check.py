@@ -1,5 +1,6 @@
-"""gpu_check: the real path on one GPU, in about 8 minutes: exactness in bf16-mixed, a real-shape training step beside
-the memory plan, and decoding speed beside the memory-bandwidth floor. Writes gpu_check.json and gpu_check.md to --out.
+"""gpu_check: the real path on one GPU, sized for about 8 minutes (not yet timed on one): exactness in bf16-mixed, a
+real-shape training step beside the memory plan, and decoding beside the memory-bandwidth floor. Writes gpu_check.json
+and gpu_check.md to --out, with each section's seconds.
 
     python3 -m pip install -q --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site python3 gpu_check.py --out $OUT/gpu
     python gpu_check.py --cpu               # the dry run: tiny models on this CPU, the same code (test_gpu_check.py)
