@@ -26,7 +26,6 @@ from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
 import torch
-import tyro
 from tqdm import tqdm
 
 import cli
@@ -315,21 +314,27 @@ def check_prompt_fits(prompt_tokens: int, max_new_tokens: int, max_context: int)
         )
 
 
-def memory_plan(args: Args) -> dict:
-    """Print what each device must hold (memory.py) and the checkpoint size; refuse a run that cannot fit."""
-    s_cfg, t_cfg = (models.model_config(n) for n in (args.student, args.teacher))
+def memory_setting(args: Args, s_cfg, t_cfg) -> memory.Setting:
+    """What the memory plan needs of a run's Args (defaults filled), besides the two configs; gpu_check.py asks the
+    plan for exactly the run it measures through this."""
     limit = min(memory.max_positions(s_cfg), memory.max_positions(t_cfg))
     devices = [memory.canonical_device(d) for d in (args.device, args.teacher_device or args.device)]
     # bytes per element of the forwards (bf16 autocast on GPU) and of the teacher's weights; the student's are fp32
     fast = [2 if precision(args.dtype, d)[2] is not None else 4 for d in devices]
-    setting = memory.Setting(
+    return memory.Setting(
         student_device=devices[0], teacher_device=devices[1], micro_batch=args.micro_batch,
         max_context=min(args.max_context or limit, limit), tasks_per_step=args.tasks_per_step,
         gradient_checkpointing=args.gradient_checkpointing, compute_bytes=fast[0], teacher_bytes=fast[1],
         logits_per_chunk=kl.LOGITS_PER_CHUNK, lora_rank=args.lora_rank, lora_targets=tuple(args.lora_targets),
         **({"student_bytes": fast[0]} if args.lora_rank else {}),  # LoRA: the frozen base in the forwards' dtype
     )
-    capacity = {d: memory.device_capacity(d) for d in devices}
+
+
+def memory_plan(args: Args) -> dict:
+    """Print what each device must hold (memory.py) and the checkpoint size; refuse a run that cannot fit."""
+    s_cfg, t_cfg = (models.model_config(n) for n in (args.student, args.teacher))
+    setting = memory_setting(args, s_cfg, t_cfg)
+    capacity = {d: memory.device_capacity(d) for d in (setting.student_device, setting.teacher_device)}
     print(memory.format_plan(memory.plan(s_cfg, t_cfg, setting), capacity))
     ckpt_bytes, disk = memory.checkpoint_bytes(memory.trainable_count(s_cfg, args.lora_rank, args.lora_targets)), memory.existing_dir(args.out)
     print(f"  disk: a checkpoint is {ckpt_bytes / 1e9:.2f} GB (fp32 weights, AdamW state, tokenizer); saving briefly "
@@ -575,6 +580,8 @@ def run(args: Args, locks: list) -> dict:
 def cli_args(argv: list[str]) -> Args:
     """The command line's Args. With --resume, every flag not on the command line comes from the run's args.json, so
     `python tcod.py --resume --out DIR [--steps N]` continues a run as it was started."""
+    import tyro  # here, not at the top: gpu_check.py imports this module where tyro is not installed
+
     args = tyro.cli(Args, args=argv)
     if args.resume:
         typed = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
