@@ -249,3 +249,25 @@ def test_the_help_gives_the_schedule_as_the_code_runs_it(capsys):
     from curriculum import depth
 
     assert [depth(n - 1, 1, 2) for n in (1, 2, 3, 4, 5)] == [1 + n // 2 for n in (1, 2, 3, 4, 5)]  # the logged step is n - 1
+
+
+def test_the_readme_settings_table_says_what_the_code_does():
+    import models
+    import prompts
+
+    text = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read()
+    table = text.split("## The paper's setting, and ours")[1].split("\n## ")[0]
+    rows = {r.split("|")[1].strip(): r.split("|")[2:] for r in table.splitlines() if r.startswith("| ") and not r.startswith("| setting")}
+    real = tcod.resolve_args(tcod.Args(env="alfworld", student="random:Qwen2.5-1.5B@2"))
+    ours = lambda setting: rows[setting][2]  # noqa: E731  (the "our default" column)
+    assert "`--update-from`" in rows["update size"][1] and "`buffer`, 64" in ours("update size") and real.update_from == "buffer"
+    assert "staleness is not bounded" in ours("update size")
+    assert "10,240" in ours("context cap") and "the episode ends" in ours("context cap") and real.max_prompt_tokens == 10_240
+    assert "= authors" in ours("weight decay") and "0.01" in rows["weight decay"][0] and real.weight_decay == 0.01
+    assert "512" in ours("reply cap in evaluation") and real.eval_max_new_tokens == 512
+    assert "not the paper's teacher" in ours("teacher") and models.resolve_model(models.default_teacher("Qwen2.5-1.5B")) == "Qwen/Qwen2.5-7B-Instruct"
+    assert f"at most {prompts.MAX_ACTION_CHARS} characters" in ours("invalid reply")
+    assert "n counts rollouts" in ours("depth schedule") and "250 rollouts" in ours("training steps")
+    for setting in ("B2F replayed turns", "earlier reasoning (Qwen3)", "ScienceWorld split", "WebShop split"):
+        assert setting in rows
+    assert "not reachable from the command line" in ours("ScienceWorld split")
