@@ -45,7 +45,7 @@ from buffer import TurnBuffer, update as update_from_buffer
 from dist import Dist, gather_episodes
 from envs import EnvPool, check_java, env_class, eval_panel, make_env
 from prompts import Prompter, default_style
-from models import TINY, tiny_env, check_models, load_model, load_tokenizers, resolve_model, size_warning
+from models import TINY, tiny_worlds, check_models, load_model, load_tokenizers, resolve_model, size_warning
 from opd import UpdateConfig, default_aggregation, episode_metrics, kl_metrics, score_episodes, update
 from lock import acquire_lock, release_lock
 from rollout import Chat, evaluate, precision, rollout
@@ -229,9 +229,9 @@ def resolve_args(args: Args) -> Args:
     tiny = args.student in TINY
     args.teacher = check_models(args.student, args.teacher)  # the default teacher; unknown or unobtainable models fail here
     for name in (args.student, args.teacher):
-        if (name in TINY or tiny) and tiny_env(name) != args.env:
-            raise ValueError(f"{name} only knows {tiny_env(name)} (got --env {args.env}); the tiny models know their own "
-                             "world only: pass real --student/--teacher models for the benchmarks")
+        if (name in TINY or tiny) and args.env not in tiny_worlds(name):
+            raise ValueError(f"{name} only knows {' and '.join(tiny_worlds(name))} (got --env {args.env}); the tiny models "
+                             "know their own worlds only: pass real --student/--teacher models for the benchmarks")
     if args.demos and args.curriculum != "b2f":
         raise ValueError(f"--demos is for --curriculum b2f (got {args.curriculum})")
     defaults = {
