@@ -23,11 +23,13 @@ What had to be done to keep the update exactly the single-process one:
   would leave the others waiting for ever. ShardedDist.even_passes pads a rank's micro-batches to the busiest
   rank's count with None, and for each None the update calls ShardedDist.empty_pass, a forward and backward with
   weight 0 through every parameter (every parameter must get a gradient on every rank, or the reduce-scatters differ
-  in size). opd.score_and_update does both; any other path that runs forwards or backwards of the student between
-  optimizer steps must too. Dist.even_passes (plain data parallelism) returns the batches as they are.
-- Rollouts and evaluation decode under `gathered`: every layer is gathered once (the whole student in bf16, the
-  memory plan's "gathered once per rollout") and kept until the rollout ends, so decoding runs no collective and
-  ranks decode different numbers of tokens. FSDP's own per-layer gathering at every token would need every rank to
+  in size). opd.score_and_update does both (for --update-from rollout and buffer alike); any other path that runs
+  forwards and backwards of the student between optimizer steps must too. Dist.even_passes (plain data
+  parallelism) returns the batches as they are.
+- Rollouts, evaluation and no-grad scoring (eval's, and the buffer's on arrival) run under `gathered`: every layer is
+  gathered once (the whole student in bf16, the memory plan's "gathered once per rollout") and kept until the block
+  ends, so they run no collective and each rank runs as many forwards as its own episodes need. Any new no-grad
+  forward of the student on a rank's own episodes must run under it too. FSDP's own per-layer gathering at every token would need every rank to
   decode in lockstep; it is not offered. `--rollout vllm` would hold a bf16 copy of the same size in the engine
   (plus its KV share) and sync it after every update through a gathered state dict; not wired up for --fsdp (refused).
 - The teacher is replicated on every rank, in bf16 without gradients (the plan counts it whole). A teacher that does
@@ -285,9 +287,10 @@ def nonfinite(model, optimizer, dist: ShardedDist) -> str | None:
     return next((bad for bad in dist.gather(rundir.nonfinite(model, optimizer)) if bad), None)
 
 
-def save_checkpoint(dist: ShardedDist, out: str, model, tok, optimizer, curriculum, step: int, bad_in_a_row: int = 0) -> None:
+def save_checkpoint(dist: ShardedDist, out: str, model, tok, optimizer, curriculum, step: int, bad_in_a_row: int = 0,
+                    buffer: dict | None = None) -> None:
     """rundir.save_checkpoint for a sharded student, on every rank: each writes its shards into ckpt.tmp, rank 0 the
-    rest, then ckpt.tmp replaces ckpt as there."""
+    rest (the update buffer's state, which every rank holds whole, in trainer.pt), then ckpt.tmp replaces ckpt."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
@@ -323,8 +326,9 @@ def save_checkpoint(dist: ShardedDist, out: str, model, tok, optimizer, curricul
     if lead:
         tok.save_pretrained(tmp)
         model.config.save_pretrained(tmp)
-        torch.save({"curriculum": curriculum.state_dict(), "step": step, "bad_in_a_row": bad_in_a_row, "ranks": dist.world,
-                    "optimizer_in_shards": stepped}, os.path.join(tmp, "trainer.pt"))
+        state = {"curriculum": curriculum.state_dict(), "step": step, "bad_in_a_row": bad_in_a_row, "ranks": dist.world,
+                 "optimizer_in_shards": stepped}
+        torch.save(state | ({"buffer": buffer} if buffer is not None else {}), os.path.join(tmp, "trainer.pt"))
         if os.path.isfile(os.path.join(out, "args.json")):
             shutil.copy(os.path.join(out, "args.json"), tmp)
         rundir.follow_umask(tmp)

@@ -47,6 +47,13 @@ def tiny_env(name: str) -> str:
     """The env a tiny model was trained in."""
     return "tinyworld-recall" if "-recall" in name else "tinyworld-drift" if "-drift" in name else "tinyworld"
 
+
+def tiny_worlds(name: str) -> tuple[str, ...]:
+    """The worlds a tiny model can be put in: its own, and TinyWorld with TinyWorld-drift together (drift reads as
+    TinyWorld until the first detour, so a TinyWorld model knows its on-plan states; repro.py's drift cells use the
+    TinyWorld student)."""
+    return ("tinyworld-recall",) if "-recall" in name else ("tinyworld", "tinyworld-drift")
+
 # The paper's teacher per family (and the tiny pair's).
 DEFAULT_TEACHERS = {"qwen2.5": "Qwen2.5-7B", "qwen3": "Qwen3-30B-A3B", "tiny": "tiny-teacher"}
 

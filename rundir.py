@@ -46,7 +46,8 @@ def disk_full(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and any(m in str(e) for m in ("unexpected pos", "file write failed", "No space left"))
 
 
-def save_checkpoint(out: str, student, tok, optimizer, curriculum, step: int, bad_in_a_row: int = 0) -> None:
+def save_checkpoint(out: str, student, tok, optimizer, curriculum, step: int, bad_in_a_row: int = 0, buffer: dict | None = None) -> None:
+    """buffer: the update buffer's state (buffer.TurnBuffer.state_dict), rows waiting for their optimizer step."""
     final, tmp, old = (os.path.join(out, n) for n in ("ckpt", "ckpt.tmp", "ckpt.old"))
     bad = nonfinite(student, optimizer)
     if bad:  # resuming from it would only crash or train on NaN: keep the last good checkpoint instead
@@ -56,7 +57,8 @@ def save_checkpoint(out: str, student, tok, optimizer, curriculum, step: int, ba
     try:
         lora.save_model(student, tmp)  # a LoRA student: its adapter only
         tok.save_pretrained(tmp)
-        torch.save({"optimizer": optimizer.state_dict(), "curriculum": curriculum.state_dict(), "step": step, "bad_in_a_row": bad_in_a_row}, os.path.join(tmp, "trainer.pt"))
+        state = {"optimizer": optimizer.state_dict(), "curriculum": curriculum.state_dict(), "step": step, "bad_in_a_row": bad_in_a_row}
+        torch.save(state | ({"buffer": buffer} if buffer is not None else {}), os.path.join(tmp, "trainer.pt"))
         if os.path.isfile(os.path.join(out, "args.json")):  # a copy: a damaged args.json does not lose the run
             shutil.copy(os.path.join(out, "args.json"), tmp)
     except (OSError, RuntimeError) as e:
