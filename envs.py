@@ -198,12 +198,16 @@ class TinyWorldDrift(TinyWorld):
     trained on expert paths only still acts well there (support.py: tiny-teacher-norec 1.00 / 0.97 / 0.92 / 0.91).
     Here, while every action taken was the expert's, the world reads as TinyWorld; the first other action (a valid
     detour or an invalid one) puts the episode off plan for good, and every later observation comes in another form:
-    "off plan. wanted: apple to sink, now here. at shelf, you see apple. hand: empty. actions: go sink, take apple."
+    "hand: empty. you see apple at shelf. Move apple to sink from here. actions: go sink, take apple."
     The same facts and the same decision, read the same way (the object, where it is: here / hand / a place, where it
     goes), but with its fields in another order and other words. A teacher trained on expert paths has never seen
     that form: after one student error its scores cover states outside its support, for the rest of the episode. A
     teacher trained with recovery data (random actions and the expert's fixes, sft.py --noise) has seen both forms.
-    Same layouts, actions, expert and horizon as TinyWorld."""
+    Same layouts, actions, expert and horizon as TinyWorld.
+
+    Every word of the off-plan form is a whole word of the tiny tokenizer (test_envs). The first form ("off plan.
+    wanted: apple to sink, now here. at shelf, ...") used words the tokenizer splits into single characters, and the
+    recovery-data teacher trained on it solved none of the held-out layouts (README)."""
 
     name = "tinyworld-drift"
 
@@ -221,8 +225,9 @@ class TinyWorldDrift(TinyWorld):
             return step
         o, p = self._next_goal()
         src = "hand" if self.hand == o else ("here" if self.where[o] == self.here else self.where[o])
-        seen = step.scene[len(before):step.scene.index(" next: ")]  # "at X, you see Y. hand: Z."
-        scene = f"{before}off plan. wanted: {o} to {'here' if p == self.here else p}, now {src}. {seen}"
+        things = [x for x, q in self.where.items() if q == self.here]
+        seen = f"at {self.here}: closed." if self.here in self.closed else f"you see {', '.join(things) or 'nothing'} at {self.here}."
+        scene = f"{before}hand: {self.hand or 'empty'}. {seen} Move {o} to {'here' if p == self.here else p} from {src}."
         return Step(f"{scene} actions: {', '.join(step.actions)}.", scene=scene, actions=step.actions)
 
 
