@@ -39,7 +39,6 @@ import time
 from dataclasses import dataclass, replace
 
 import torch
-import tyro
 
 import kl
 import lora
@@ -622,4 +621,6 @@ def shape_main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
+    import tyro  # only for the command line: gpu_check.py imports this module where tyro is not installed
+
     main(tyro.cli(Args))

@@ -29,9 +29,9 @@ class Dist:
         td.init_process_group("nccl" if self.cuda else "gloo")
         self.rank, self.world = td.get_rank(), td.get_world_size()
 
-    @staticmethod
-    def from_env() -> "Dist | None":
-        return Dist() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    @classmethod
+    def from_env(cls) -> "Dist | None":
+        return cls() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
 
     def shard(self, items: list) -> list:
         return items[self.rank :: self.world]
@@ -55,6 +55,11 @@ class Dist:
         self.td.all_reduce(flat)
         for p, g in zip(params, flat.split([p.numel() for p in params])):
             p.grad.copy_(g.view_as(p))
+
+    def even_passes(self, batches: list) -> list:
+        """This rank's micro-batches as they are: the gradients are summed once, after all of them, so ranks may run
+        different numbers (fsdp.ShardedDist pads them: its collectives run in every pass)."""
+        return batches
 
     def gather(self, obj) -> list:
         out = [None] * self.world

@@ -9,7 +9,7 @@ Every env is a plain Python object with
     close()
 and the class attributes `name`, `max_turns` (the paper's T_max), `splits`, `eval_splits`, `instructions`.
 An observation is the compact text (task, scene and admissible actions, or their compact form, in one string); a
-Step also gives the task, scene and actions apart, for the paper's prompt template. prompts.py writes both styles, so
+Step also gives the task, scene, actions (and ScienceWorld's objects) apart, for the paper's prompt template. prompts.py writes both styles, so
 the loop needs no env-specific formatting and every benchmark speaks to the model the same way.
 """
 
@@ -39,10 +39,12 @@ class Step:
     valid: bool = True  # False when the env could not use the action
     info: dict = field(default_factory=dict)
     # The parts of `observation` that the paper-style prompt lays out on its own (prompts.py): the task statement (set
-    # by reset), what the agent observes without task and action list (None: the observation), the admissible actions.
+    # by reset), what the agent observes without task and action list (None: the observation), the admissible actions,
+    # and (ScienceWorld) the objects that fill the action templates' OBJ, a list of their own in the authors' template.
     task: str = ""
     scene: str | None = None
     actions: list[str] | None = None
+    objects: list[str] | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -196,12 +198,16 @@ class TinyWorldDrift(TinyWorld):
     trained on expert paths only still acts well there (support.py: tiny-teacher-norec 1.00 / 0.97 / 0.92 / 0.91).
     Here, while every action taken was the expert's, the world reads as TinyWorld; the first other action (a valid
     detour or an invalid one) puts the episode off plan for good, and every later observation comes in another form:
-    "off plan. wanted: apple to sink, now here. at shelf, you see apple. hand: empty. actions: go sink, take apple."
+    "hand: empty. you see apple at shelf. Move apple to sink from here. actions: go sink, take apple."
     The same facts and the same decision, read the same way (the object, where it is: here / hand / a place, where it
     goes), but with its fields in another order and other words. A teacher trained on expert paths has never seen
     that form: after one student error its scores cover states outside its support, for the rest of the episode. A
     teacher trained with recovery data (random actions and the expert's fixes, sft.py --noise) has seen both forms.
-    Same layouts, actions, expert and horizon as TinyWorld."""
+    Same layouts, actions, expert and horizon as TinyWorld.
+
+    Every word of the off-plan form is a whole word of the tiny tokenizer (test_envs). The first form ("off plan.
+    wanted: apple to sink, now here. at shelf, ...") used words the tokenizer splits into single characters, and the
+    recovery-data teacher trained on it solved none of the held-out layouts (README)."""
 
     name = "tinyworld-drift"
 
@@ -219,8 +225,9 @@ class TinyWorldDrift(TinyWorld):
             return step
         o, p = self._next_goal()
         src = "hand" if self.hand == o else ("here" if self.where[o] == self.here else self.where[o])
-        seen = step.scene[len(before):step.scene.index(" next: ")]  # "at X, you see Y. hand: Z."
-        scene = f"{before}off plan. wanted: {o} to {'here' if p == self.here else p}, now {src}. {seen}"
+        things = [x for x, q in self.where.items() if q == self.here]
+        seen = f"at {self.here}: closed." if self.here in self.closed else f"you see {', '.join(things) or 'nothing'} at {self.here}."
+        scene = f"{before}hand: {self.hand or 'empty'}. {seen} Move {o} to {'here' if p == self.here else p} from {src}."
         return Step(f"{scene} actions: {', '.join(step.actions)}.", scene=scene, actions=step.actions)
 
 
@@ -321,9 +328,11 @@ class AlfWorld:
         state = self.env.reset()  # grounds the PDDL problem: most of the ~2 s a reset costs
         self.admissible = state["admissible_commands"]
         # The intro reads "-= Welcome to TextWorld, ALFRED! =-\n\n<room>\n\nYour task is to: ...": drop the banner.
+        # The scene keeps the task where the game puts it, as the authors' template shows the first observation (and
+        # its first history entry) raw; the compact text puts the task first.
         room, goal = state.feedback.split("\n\n")[-2:]
-        step = self._observe(room, task=goal.removeprefix("Your task is to: "))
-        step.observation = f"{goal}\n{step.observation}"
+        step = self._observe(f"{room}\n\n{goal}", task=goal.removeprefix("Your task is to: "))
+        step.observation = f"{goal}\n{room}\nactions: {', '.join(step.actions)}."
         return step
 
     def step(self, action: str) -> Step:
@@ -399,7 +408,8 @@ class ScienceWorld:
     A task id is "<task name>-<variation>", e.g. "boil-3". Score runs from -100 to 100: Step.score is score/100, success
     is a score of 100, and a negative score (a wrong `focus on`) ends the episode as a failure. The full list of valid
     actions is 12k+ characters, so an observation shows the action templates (first observation only in the compact
-    text: they never change; every turn in the paper prompt) and the objects in view.
+    text: they never change; every turn in the paper prompt) and the objects in view (Step.objects: the paper prompt
+    lists them apart from the templates, as the authors' template does).
     A JVM that dies (or a simulator that throws) ends the episode as a failure with info["error"]; the next reset
     starts a new JVM.
     """
@@ -475,11 +485,11 @@ class ScienceWorld:
             # load() builds a fresh world; the wrapper's reset() would build it again (6-8 s on Mendelian tasks).
             sim.load(name, int(variation), self.simplifications)
             look = sim.server.step("look around")  # the first move, as in the wrapper's reset()
-            self.templates = sim.get_possible_actions()
-            scene, task = f"{look}\nobjects: {', '.join(sim.get_possible_objects())}.", sim.get_task_description()
+            self.templates, objects = sim.get_possible_actions(), sim.get_possible_objects()
+            task = sim.get_task_description()
             return Step(f"{task}\n{look}\nactions (OBJ is an object): {', '.join(self.templates)}.\n"
-                        f"objects: {', '.join(sim.get_possible_objects())}.", task=task, scene=scene,
-                        actions=self.templates)
+                        f"objects: {', '.join(objects)}.", task=task, scene=look, actions=self.templates,
+                        objects=objects)
         except Py4JError as e:
             return self._failed(e)
 
@@ -490,15 +500,15 @@ class ScienceWorld:
             # The server directly, not the wrapper's step(): that one rebuilds the 12k-character list of valid
             # actions after every step (50-220 ms against 5-15 ms), and applies the step limit we lifted.
             server = self.sim.server
-            observation = server.step(action)
+            scene = server.step(action)
             score = round(100 * server.getScore())
             done = server.getCompleted() or score < 0  # the wrapper's rule: a negative score ends the episode
-            if not done:
-                observation += f"\nobjects: {', '.join(self.sim.get_possible_objects())}."
+            objects = None if done else self.sim.get_possible_objects()
         except Py4JError as e:
             return self._failed(e)
-        return Step(observation, done=done, success=score >= 100, score=score / 100,
-                    valid=not observation.startswith(NO_MATCH), actions=self.templates)
+        observation = scene if done else f"{scene}\nobjects: {', '.join(objects)}."
+        return Step(observation, done=done, success=score >= 100, score=score / 100, valid=not scene.startswith(NO_MATCH),
+                    scene=scene, actions=self.templates, objects=objects)
 
     def demo(self, task: str, tries: int = 3) -> list[str] | None:
         """The simulator's gold path, kept only if replaying it in the world it was made for reaches score 100.

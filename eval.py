@@ -16,10 +16,10 @@ texts (what `tcod.py --curriculum b2f --demos` replays and `sft.py baseline` tra
 solved (the "hard" split, the paper's teacher-fails set: `--splits hard --demos FILE` evaluates on it).
 --model oracle plays each task's env-provided demonstration instead of a model: the ceiling of the panel.
 Writes <out>/episodes.jsonl as it goes (one row per finished episode, so a killed evaluation keeps its batches),
-then <out>/eval.json (the arguments as used: splits, horizon, think, max new tokens) and <out>/eval.md, and prints
+then <out>/eval.json (the arguments as used: splits, horizon, think, max new and prompt tokens) and <out>/eval.md, and prints
 the Markdown table (per split, and per task type). Nothing is ever overwritten: the default <out> gets -2, -3, ...
 when taken; an explicit --out must be new or empty. A tcod run directory or its checkpoint as --model
-brings the run's env, think, max new tokens and horizon, unless given here.
+brings the run's env, think, eval reply cap (--eval-max-new-tokens), prompt cap and horizon, unless given here.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class Args:
     """tinyworld, alfworld, scienceworld or webshop (default: the run's, for a tcod run's checkpoint; else tinyworld)"""
     model: str = "tiny-teacher"
     """a short name, hub id, local directory, a tcod run directory or its checkpoint (<run>/ckpt: the run's env, think,
-    max new tokens and horizon are the defaults), or 'oracle' (the env's demos)"""
+    eval reply and prompt caps and horizon are the defaults), or 'oracle' (the env's demos)"""
     splits: tuple[str, ...] = ()
     """splits to evaluate (default: the env's eval splits, e.g. ALFWorld valid_seen and valid_unseen); 'hard' is
     the tasks a --demos file's model never solved"""
@@ -71,7 +71,10 @@ class Args:
     max_turns: int | None = None
     """horizon (default: the env's)"""
     max_new_tokens: int | None = None
-    """most tokens per reply (default: 512; 32 for the tiny models)"""
+    """most tokens per reply (default: the run's --eval-max-new-tokens; else 512, 32 for the tiny models)"""
+    max_prompt_tokens: int | None = None
+    """most tokens read before a reply; an episode whose next prompt would pass it ends as truncated (default: the
+    run's --max-prompt-tokens; else the authors' 10240 on the real benchmarks, 0 (no cap) on tinyworld)"""
     think: bool | None = None
     """ask for <think> before <action> (default: on, off for the tiny models)"""
     prompt: Literal["paper", "compact"] | None = None
@@ -167,9 +170,9 @@ def panel(tasks: list[str], task_type, per_type: int | None) -> list[str]:
 
 def check_args(args: Args) -> None:
     """Range-check the numbers, naming the flag, the value and what is allowed."""
-    for flag in ("limit", "per_type", "samples", "batch", "max_turns", "max_new_tokens", "env_workers"):
+    for flag in ("limit", "per_type", "samples", "batch", "max_turns", "max_new_tokens", "env_workers", "max_prompt_tokens"):
         value = getattr(args, flag)
-        low = 0 if flag == "env_workers" else 1
+        low = 0 if flag in ("env_workers", "max_prompt_tokens") else 1
         if value is not None and value < low:
             raise ValueError(f"--{flag.replace('_', '-')} {value!r}: {flag} must be an integer >= {low}")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
@@ -207,7 +210,8 @@ def main(args: Args) -> dict:
         args, env=args.env or run_args.get("env", "tinyworld"),
         think=run_args.get("think") if args.think is None else args.think,
         prompt=args.prompt or run_args.get("prompt"),
-        max_new_tokens=args.max_new_tokens or run_args.get("max_new_tokens"),
+        max_new_tokens=args.max_new_tokens or run_args.get("eval_max_new_tokens") or run_args.get("max_new_tokens"),
+        max_prompt_tokens=run_args.get("max_prompt_tokens") if args.max_prompt_tokens is None else args.max_prompt_tokens,
         max_turns=args.max_turns or run_args.get("max_turns"),
     )
     step = rundir.checkpoint_step(model_path) if os.path.isfile(os.path.join(model_path, "trainer.pt")) else None
@@ -239,11 +243,15 @@ def main(args: Args) -> dict:
         chat = rollout.Chat(tcod.load_tokenizers(model_path, model_path))
         model = tcod.load_model(tcod.resolve_model(model_path), rollout.precision(args.dtype, device)[1], device)  # inference: the teacher's dtype
         max_context = getattr(model.config, "max_position_embeddings", max_context)
+    max_prompt_tokens = (0 if args.env.startswith("tinyworld") else tcod.PAPER_MAX_PROMPT_TOKENS) if args.max_prompt_tokens is None else args.max_prompt_tokens
+    if max_prompt_tokens:  # as in training (tcod.stream_cap): a prompt of at most this, and one reply
+        max_context = min(max_context, max_prompt_tokens + max_new_tokens)
     env_kwargs = {"data": args.env_data} if args.env_data else {}
     env = make_env(args.env, **env_kwargs)
     envs = EnvPool(args.env, env_kwargs, tcod.default_workers(args.env) if args.env_workers is None else args.env_workers)
     max_turns = args.max_turns or env_cls.max_turns
     used = {**vars(args), "splits": list(splits), "max_turns": max_turns, "max_new_tokens": max_new_tokens,
+            "max_prompt_tokens": max_prompt_tokens,
             "think": think, "prompt": prompt, "model_path": model_path, "run": run_args or None, "out": out,
             "checkpoint_step": step}
     episodes_path = os.path.join(out, "episodes.jsonl")  # one row per finished episode, appended per batch

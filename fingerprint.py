@@ -15,7 +15,7 @@ import os
 
 import models
 
-WEIGHT_FILES = (".safetensors", ".bin", ".gguf", ".pth")
+WEIGHT_FILES = (".safetensors", ".bin", ".gguf", ".pth", ".distcp")  # .distcp: a --fsdp checkpoint's shards
 NOT_WEIGHTS = ("trainer.pt", "training_args.bin")  # a tcod checkpoint's optimizer state is not the model
 
 

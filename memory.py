@@ -27,6 +27,13 @@ LoRA (--lora-rank R, lora.py): the base is frozen in the forwards' dtype (bf16 o
 so the float32 weights, AdamW state, gradients and autocast copies are the adapter's (`lora_param_count`), and the
 update's activations gain each adapted layer's input (kept for A's gradient) and its rank-R projection.
 
+--fsdp (fsdp.py; `shards` ranks): each rank holds 1/shards of the float32 weights, AdamW state and gradients, the
+whole bf16 teacher, and its own ceil(tasks_per_step / shards) episodes' KV cache; the rollout gathers every layer
+once (the whole student in the compute dtype); the update gathers the root (embeddings, head, final norm: FSDP keeps
+it gathered from its forward to the end of the backward) and two layers at a time (the one computing, the one
+prefetched), plus their unsharded gradients and the float32 buffers of their reduce-scatter. The forwards run on the
+gathered compute-dtype weights, so the residual stream is in that dtype too (no autocast casts of float32 weights).
+
 Disk: a checkpoint (tcod.save_checkpoint) is the student weights as saved (float32, 4 B/param), the AdamW state
 (8 B/param) and the tokenizer. It is written next to the previous one and then renamed over it, so for a moment the
 output directory holds two: the run needs twice a checkpoint, and `check_disk` refuses a save that cannot fit.
@@ -41,6 +48,7 @@ from dataclasses import dataclass, replace
 GiB = 1 << 30
 ENGINE_BATCH_TOKENS = 8192  # vllm_engine.py's max_num_batched_tokens: the largest forward vLLM profiles and runs
 ENGINE_FIXED = 2 * GiB  # allowance: CUDA graphs, cuBLAS/NCCL workspaces, the CUDA context (not measured: no GPU here)
+MAX_GPUS = 64  # the most GPUs a refusal considers for --fsdp
 TOKENIZER_BYTES = 32 << 20  # allowance for the saved tokenizer files (Qwen's: ~11 MB on disk)
 
 
@@ -232,6 +240,7 @@ class Setting:
     engine_sleeps: bool = False  # vLLM's sleep mode: the engine's weights and KV cache are freed for the update
     engine_reserved: int = 0  # bytes of an explicit --vllm-memory share (0: the engine's own items, as planned)
     engine_kv_bytes: int | None = None  # a fixed KV reservation (a CPU's $VLLM_CPU_KVCACHE_SPACE); None: the worst case
+    shards: int = 1  # --fsdp: the ranks the student's weights, gradients and AdamW state are sharded over
 
 
 @dataclass(frozen=True)
@@ -252,6 +261,8 @@ def plan(student_config, teacher_config, s: Setting) -> list[Item]:
     sd, td = s.student_device, s.teacher_device
     if s.lora_rank:
         return lora_plan(student, teacher, s)
+    if s.shards > 1:
+        return sharded_plan(student, teacher, s)
     items = [
         Item(sd, "always", f"student weights ({dt[s.student_bytes]}, {size(n_s)})", n_s * s.student_bytes),
         Item(sd, "always", "AdamW state (2 x fp32)", n_s * 8),
@@ -343,6 +354,38 @@ def lora_plan(student, teacher, s: Setting) -> list[Item]:
     return with_engine(items, student, s, n_s)
 
 
+def root_param_count(config) -> int:
+    """The parameters outside the decoder layers: embeddings, final norm and an untied head (FSDP's root unit)."""
+    cfg = as_config(config)
+    return cfg.vocab_size * cfg.hidden_size * (1 if getattr(cfg, "tie_word_embeddings", False) else 2) + cfg.hidden_size
+
+
+def sharded_plan(student, teacher, s: Setting) -> list[Item]:
+    """The plan of one rank of --fsdp over s.shards ranks (the module docstring says what each row is)."""
+    n_s, shards, cb, sd = param_count(student), s.shards, s.compute_bytes, s.student_device
+    shard = -(-n_s // shards)
+    root = root_param_count(student)
+    layer = -(-(n_s - root) // student.num_hidden_layers)
+    gathered = root + 2 * layer
+    tokens, dt = s.micro_batch * s.max_context, {2: "bf16", 4: "fp32"}
+    tasks = -(-s.tasks_per_step // shards)
+    items = [
+        Item(sd, "always", f"student weights, a 1/{shards} shard (fp32, {n_s / 1e9:.2f} B params in all)", shard * 4),
+        Item(sd, "always", f"AdamW state, a 1/{shards} shard (2 x fp32)", shard * 8),
+        Item(sd, "rollout", f"KV cache ({tasks} episodes x {s.max_context} tokens, {dt[cb]})",
+             kv_cache_bytes(student, tasks, s.max_context, cb)),
+        Item(sd, "rollout", f"student weights gathered once per rollout ({dt[cb]}, every layer)", n_s * cb),
+        Item(sd, "update", f"gradients, a 1/{shards} shard (fp32)", shard * 4),
+        Item(sd, "update", f"gathered: embeddings, head, norm and 2 layers ({dt[cb]})", gathered * cb),
+        Item(sd, "update", f"their gradients before the reduce-scatter ({dt[cb]} + fp32)", gathered * (cb + 4)),
+        Item(sd, "update", f"activations ({s.micro_batch} x {s.max_context} tokens, "
+             f"{'gradient checkpointing' if s.gradient_checkpointing else 'every layer saved'})",
+             activation_bytes(student, tokens, s.gradient_checkpointing, cb, cb)),
+    ]
+    keep = ("teacher weights", "chunked logits", "teacher forward")  # the replicated teacher, as without --fsdp
+    return items + [i for i in plan(student, teacher, replace(s, shards=1)) if i.what.startswith(keep)]
+
+
 def needs(items: list[Item]) -> dict[str, int]:
     """Per device: what it always holds plus the larger of the two phases."""
     out = {}
@@ -363,7 +406,7 @@ def fixes(student_config, teacher_config, s: Setting, device: str, capacity: int
     mb = next((m for m in range(s.micro_batch - 1, 0, -1) if fits(replace(s, micro_batch=m))), None)
     if mb:
         out.append(f"--micro-batch {mb}")
-    if s.teacher_device == s.student_device and fits(replace(s, teacher_device="another device")):
+    if s.teacher_device == s.student_device and s.shards == 1 and fits(replace(s, teacher_device="another device")):
         out.append("--teacher-device (put the teacher on another GPU)")
     ctx = next((c for c in (32768, 16384, 8192, 4096, 2048, 1024) if c < s.max_context and fits(replace(s, max_context=c))), None)
     if ctx:
@@ -371,6 +414,11 @@ def fixes(student_config, teacher_config, s: Setting, device: str, capacity: int
     tasks = next((t for t in range(s.tasks_per_step - 1, 0, -1) if fits(replace(s, tasks_per_step=t))), None)
     if tasks:
         out.append(f"--tasks-per-step {tasks}")
+    if not s.lora_rank:  # more GPUs, the student sharded over them (its teacher replicated on each)
+        gpus = next((g for g in range(max(s.shards, 1) + 1, MAX_GPUS + 1)
+                     if fits(replace(s, shards=g, teacher_device=s.student_device))), None)
+        if gpus:
+            out.append(f"--fsdp on {gpus} GPUs (torchrun --nproc-per-node {gpus} tcod.py --fsdp ...)")
     return out
 
 

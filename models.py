@@ -24,6 +24,7 @@ import shutil
 
 import torch
 
+import fsdp
 import lora
 
 # Short names -> Hugging Face ids: the paper's pairs (Qwen2.5-3B/7B <- Qwen2.5-7B, Qwen3-1.7B/4B <- Qwen3-30B-A3B)
@@ -45,6 +46,13 @@ TINY_SHIPPED = TINY[:3] + ("tiny-teacher-drift-norec",)
 def tiny_env(name: str) -> str:
     """The env a tiny model was trained in."""
     return "tinyworld-recall" if "-recall" in name else "tinyworld-drift" if "-drift" in name else "tinyworld"
+
+
+def tiny_worlds(name: str) -> tuple[str, ...]:
+    """The worlds a tiny model can be put in: its own, and TinyWorld with TinyWorld-drift together (drift reads as
+    TinyWorld until the first detour, so a TinyWorld model knows its on-plan states; repro.py's drift cells use the
+    TinyWorld student)."""
+    return ("tinyworld-recall",) if "-recall" in name else ("tinyworld", "tinyworld-drift")
 
 # The paper's teacher per family (and the tiny pair's).
 DEFAULT_TEACHERS = {"qwen2.5": "Qwen2.5-7B", "qwen3": "Qwen3-30B-A3B", "tiny": "tiny-teacher"}
@@ -599,5 +607,7 @@ def load_model(path: str, dtype: str, device: str):
         model = lora.merge(lora.add_lora(base, s["rank"], s["alpha"], s["dropout"], s["targets"], adapter_dir=path))
         return model.eval()
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    if os.path.isdir(path) and fsdp.is_sharded_checkpoint(path):  # a --fsdp run's checkpoint: its shards as one model
+        return fsdp.consolidated(path, torch_dtype, device)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device)
     return model.eval()

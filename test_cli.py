@@ -42,6 +42,8 @@ def script(*argv: str) -> subprocess.CompletedProcess:
     (["plot.py", "{tmp}/none"], "no such run directory"),
     (["transcripts.py", "{tmp}"], "no transcripts"),
     (["lora.py", "merge", "{tmp}", "{tmp}/merged"], "not a LoRA checkpoint"),
+    (["fsdp.py", "export", "{tmp}", "{tmp}/model"], "not a sharded checkpoint"),
+    (["fsdp.py", "plan", "--gpus", "0"], "--gpus 0"),
 ])
 def test_a_user_error_is_one_line_and_exit_2_in_every_script(tmp_path, argv, says):
     done = script(*(a.replace("{tmp}", str(tmp_path)) for a in argv))

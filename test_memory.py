@@ -193,7 +193,8 @@ def test_fixes_name_only_flags_that_fit():
         t = {"--teacher-device": lambda: dataclasses.replace(s, teacher_device="cuda:1"),
              "--micro-batch": lambda: dataclasses.replace(s, micro_batch=int(value)),
              "--max-context": lambda: dataclasses.replace(s, max_context=int(value)),
-             "--tasks-per-step": lambda: dataclasses.replace(s, tasks_per_step=int(value))}[flag]()
+             "--tasks-per-step": lambda: dataclasses.replace(s, tasks_per_step=int(value)),
+             "--fsdp": lambda: dataclasses.replace(s, shards=int(value.split()[1]))}[flag]()
         assert memory.needs(memory.plan(QWEN25_3B, QWEN25_7B, t))["cuda:0"] <= need - teacher // 2
 
 

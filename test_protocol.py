@@ -171,3 +171,103 @@ def test_transcript_segments_and_turn_kl():
     row = transcripts.transcript(ep, Tok(), {0: 0.5, 1: -0.1})
     assert [(t["turn"], t["action"], t["kl"]) for t in row["turns"]] == [(0, "go 3", 0.5), (1, "go 6", -0.1)]
     assert row["turns"][1]["context"] == "5"
+
+
+# --------------------------------------------------------------------------------------------------
+# the authors' trainer on the real benchmarks: update buffer, prompt cap, weight decay, eval reply cap
+
+
+def test_real_benchmarks_default_to_the_authors_trainer_and_tinyworld_keeps_its_own():
+    real = tcod.resolve_args(tcod.Args(env="webshop", student="random:Qwen2.5-1.5B@2"))
+    assert (real.update_from, real.turns_per_update, real.max_prompt_tokens, real.weight_decay, real.eval_max_new_tokens) \
+        == ("buffer", 64, 10_240, 0.01, 512)
+    tiny = tcod.resolve_args(tcod.Args(student="tiny-student", teacher="tiny-teacher"))
+    assert (tiny.update_from, tiny.turns_per_update, tiny.max_prompt_tokens, tiny.weight_decay, tiny.eval_max_new_tokens) \
+        == ("rollout", 0, 0, 0.0, 32)
+    given = tcod.resolve_args(tcod.Args(env="webshop", student="random:Qwen2.5-1.5B@2", max_new_tokens=300, max_prompt_tokens=0))
+    assert (given.eval_max_new_tokens, given.max_prompt_tokens) == (300, 0)  # the eval cap follows the training one
+    # the memory plan counts streams of at most a capped prompt and a reply, not the model's 32,768 tokens
+    assert tcod.stream_cap(real, 32_768, 512) == 10_752 and tcod.stream_cap(given, 32_768, 300) == 32_768
+
+
+def test_the_prompt_cap_ends_an_episode_as_truncated(tok, chat):
+    from test_tcod import make_model, play
+
+    model = make_model(tok)
+    (free,) = play(model, chat, ["train-3"], max_new_tokens=12, max_turns=6)
+    first = free.turn_of.index(0)  # the first prompt's length: the stream before the first reply
+    assert free.turns >= 2 and not free.truncated
+    for cap, turns in ((first, 1), (first - 1, 0)):  # room for one prompt, then none
+        args = tcod.Args(max_prompt_tokens=cap)
+        (ep,) = play(model, chat, ["train-3"], max_new_tokens=12, max_turns=6, max_context=tcod.stream_cap(args, 4096, 12))
+        assert ep.truncated and ep.done and ep.student_turns == turns and not ep.success
+        assert all(ep.turn_of.index(t) <= cap for t in range(turns))  # every prompt the student read fits the cap
+
+
+def test_the_loop_applies_the_prompt_cap_weight_decay_and_eval_reply_cap(tmp_path):
+    from test_tcod import small_args
+
+    kw = dict(curriculum="opd", steps=1, tasks_per_step=4, eval_tasks=4)
+    capped = small_args(tmp_path / "cap", "tiny-student", "tiny-teacher", max_prompt_tokens=120, weight_decay=0.5,
+                        eval_max_new_tokens=3, **kw)
+    row = tcod.main(capped)
+    # a first prompt is 92-100 tokens here: the second one never fits, in training and in evaluation
+    assert row["truncated"] == row["eval_truncated"] == 1.0 and row["turns"] == row["eval_turns"] == 1
+    assert row["eval_max_reply_tokens"] <= 3 < row["max_reply_tokens"]  # eval replies cut at 3 tokens, training's at 12
+    state = torch.load(os.path.join(capped.out, "ckpt", "trainer.pt"), weights_only=False)
+    assert state["optimizer"]["param_groups"][0]["weight_decay"] == 0.5
+    free = tcod.main(small_args(tmp_path / "free", "tiny-student", "tiny-teacher", **kw))
+    assert free["truncated"] == 0 and free["turns"] > 1
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(update_from="buffer", turns_per_update=0), "turns_per_update must be >= 1 with --update-from buffer"),
+    (dict(max_prompt_tokens=-1), "max_prompt_tokens must be an integer >= 0"),
+    (dict(max_prompt_tokens=20), "--max-prompt-tokens 20: the first prompt is"),
+    (dict(weight_decay=float("nan")), "weight_decay must be finite and >= 0"),
+    (dict(eval_max_new_tokens=0), "eval_max_new_tokens must be an integer >= 1"),
+    (dict(max_context=30, eval_max_new_tokens=40), "max_context must be more than a reply"),
+])
+def test_bad_update_settings_are_refused_before_any_model_loads(tmp_path, monkeypatch, kw, match):
+    from test_tcod import small_args
+
+    def no_models(*a, **k):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(tcod, "load_model", no_models)
+    with pytest.raises(ValueError, match=match):
+        tcod.main(small_args(tmp_path, "tiny-student", "tiny-teacher", **kw))
+    assert not os.path.exists(tmp_path / "run" / "args.json")
+
+
+def test_the_help_gives_the_schedule_as_the_code_runs_it(capsys):
+    with pytest.raises(SystemExit):
+        tcod.cli_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "depth at the first step: k = k_start + n // eta with the step n counted from 1" in text
+    assert "depth at step 0" not in text and "depth at step 0" not in tcod.__doc__
+    from curriculum import depth
+
+    assert [depth(n - 1, 1, 2) for n in (1, 2, 3, 4, 5)] == [1 + n // 2 for n in (1, 2, 3, 4, 5)]  # the logged step is n - 1
+
+
+def test_the_readme_settings_table_says_what_the_code_does():
+    import models
+    import prompts
+
+    text = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read()
+    table = text.split("## The paper's setting, and ours")[1].split("\n## ")[0]
+    rows = {r.split("|")[1].strip(): r.split("|")[2:] for r in table.splitlines() if r.startswith("| ") and not r.startswith("| setting")}
+    real = tcod.resolve_args(tcod.Args(env="alfworld", student="random:Qwen2.5-1.5B@2"))
+    ours = lambda setting: rows[setting][2]  # noqa: E731  (the "our default" column)
+    assert "`--update-from`" in rows["update size"][1] and "`buffer`, 64" in ours("update size") and real.update_from == "buffer"
+    assert "staleness is not bounded" in ours("update size")
+    assert "10,240" in ours("context cap") and "the episode ends" in ours("context cap") and real.max_prompt_tokens == 10_240
+    assert "= authors" in ours("weight decay") and "0.01" in rows["weight decay"][0] and real.weight_decay == 0.01
+    assert "512" in ours("reply cap in evaluation") and real.eval_max_new_tokens == 512
+    assert "not the paper's teacher" in ours("teacher") and models.resolve_model(models.default_teacher("Qwen2.5-1.5B")) == "Qwen/Qwen2.5-7B-Instruct"
+    assert f"at most {prompts.MAX_ACTION_CHARS} characters" in ours("invalid reply")
+    assert "n counts rollouts" in ours("depth schedule") and "250 rollouts" in ours("training steps")
+    for setting in ("B2F replayed turns", "earlier reasoning (Qwen3)", "ScienceWorld split", "WebShop split"):
+        assert setting in rows
+    assert "not reachable from the command line" in ours("ScienceWorld split")

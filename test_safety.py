@@ -448,3 +448,14 @@ def test_a_killed_eval_keeps_its_finished_batches(tmp_path, model_dirs, monkeypa
         evaluation.main(evaluation.Args(model=student, limit=4, batch=2, max_new_tokens=6, max_turns=2, think=False, out=out))
     rows = [json.loads(line) for line in open(os.path.join(out, "episodes.jsonl"))]
     assert [r["task"] for r in rows] == TinyWorld().tasks("test")[:2] and all(r["split"] == "test" for r in rows)
+
+
+def test_tiny_models_are_refused_outside_their_worlds_and_the_student_plays_the_drift_world(no_models):
+    """A -recall model reads another observation form: refused in TinyWorld. TinyWorld-drift reads as TinyWorld until
+    the first detour, so the TinyWorld student (repro.py's drift cells) and a drift teacher may meet there."""
+    with pytest.raises(ValueError, match="tiny-teacher-recall only knows tinyworld-recall"):
+        tcod.resolve_args(tcod.Args(student="tiny-student", teacher="tiny-teacher-recall"))
+    with pytest.raises(ValueError, match="tiny-student only knows tinyworld and tinyworld-drift"):
+        tcod.resolve_args(tcod.Args(env="tinyworld-recall", student="tiny-student", teacher="tiny-teacher-recall"))
+    tcod.check_args(tcod.resolve_args(tcod.Args(env="tinyworld-drift", student="tiny-student",
+                                                teacher="tiny-teacher-drift-norec")))

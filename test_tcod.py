@@ -495,7 +495,7 @@ def test_tiny_model_rollout_on_each_benchmark(tok, chat, env_name, tasks):
         assert ep.error is None and ep.student_turns == 2 and ep.reply_tokens > 0
         assert ep.invalid == 2  # a random model never writes a usable <action>: each turn is counted invalid
         text = tok.decode(ep.ids)
-        assert env.instructions in text and "invalid reply: no <action>" in text
+        assert "It is your turn to act. " in text and "invalid reply: no <action>" in text  # the paper style
 
 
 def test_main_on_webshop_with_b2f(model_dirs, tmp_path):

@@ -200,6 +200,38 @@ def test_sub_pages_keep_options(shop):
                      f"[SEP] {shop.by_asin['B09SWLPPVQ']['BulletPoints'][0].strip()}" + acts)
 
 
+def test_rich_text_marks_the_options_picked_and_products_opened(shop):
+    """The scene (what the paper prompt shows) is the original's text_rich page, as the authors' env renders it:
+    buttons marked, the options picked on this item and the products opened since the last search page marked as
+    clicked, and a line per picked option on top, the last in page order first. The simple text hides all of it."""
+    item = ws_open_item(shop, "goal-2", "sweatyrocks oversized sweater", "B09KRLGSC5")
+    instr = shop.goals[2]["instruction_text"]
+    p = shop.by_asin["B09KRLGSC5"]
+    buttons = lambda names: [f"[button] {n} [button_]" for n in names]  # noqa: E731
+    tail = [p["Title"], f"Price: {p['Price']}", "Rating: N.A.", *buttons(["Description", "Features", "Reviews", "Buy Now"])]
+    assert item.scene.split("\n") == [
+        "Instruction:", instr, *buttons(["Back to Search", "< Prev"]), "size",
+        *buttons(["x-small", "small", "medium", "large"]), "color", *buttons(["black", "coffee brown", "mocha brown"]),
+        *tail]
+    shop.step("click[mocha brown]")
+    st = shop.step("click[small]")
+    assert st.observation == item.observation  # the simple text: no mark
+    assert st.scene.split("\n") == [
+        "You have clicked mocha brown.", "You have clicked small.", "Instruction:", instr,
+        *buttons(["Back to Search", "< Prev"]), "size", *buttons(["x-small"]), "[clicked button] small [clicked button_]",
+        *buttons(["medium", "large"]), "color", *buttons(["black", "coffee brown"]),
+        "[clicked button] mocha brown [clicked button_]", *tail]
+    assert "clicked" not in shop.step("click[description]").scene  # a sub page shows no options
+    # back on the results the opened product is marked; a new search page forgets it (as the original's session)
+    shop.step("click[< prev]")
+    results = shop.step("click[< prev]").scene
+    assert "\n[clicked button] B09KRLGSC5 [clicked button_]\n" in results and results.count("[clicked button]") == 1
+    shop.step("click[back to search]")
+    assert "clicked" not in shop.step("search[sweatyrocks oversized sweater]").scene
+    assert shop.reset("goal-105").scene.split("\n") == [
+        "WebShop", "Instruction:", shop.goals[105]["instruction_text"], "[button] Search [button_]"]
+
+
 def test_invalid_and_malformed_actions(shop):
     start = shop.reset("goal-0").observation
     for bad in ["buy it", "click[]", "search[ ]", "click[search]", "click[buy now]", "search[a] now", "[x]"]:

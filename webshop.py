@@ -3,9 +3,10 @@
 An agent gets a shopping instruction ("Find me ... with color: red, and price lower than 40.00 dollars"),
 searches a store of real Amazon products, opens items, picks options and clicks Buy Now. The reward on
 Buy Now is the original's: r_type * (matched attributes + matched options + price ok) / (attributes +
-options + 1). Pages are rendered as the original's simple text mode (visible strings joined by " [SEP] "),
-followed by one line listing the admissible actions, because the loop puts observations straight into
-the prompt.
+options + 1). A page is rendered twice: as the original's simple text mode (visible strings joined by " [SEP] ")
+followed by one line listing the admissible actions, the compact prompt's observation; and as its text_rich mode
+(buttons marked, the options already picked and products already opened marked as clicked), the Step's scene, which
+the paper-style prompt shows as the authors' code does (it makes the env with observation_mode="text_rich").
 
 Data: the official files in `data` (default: the bundled real 65-product slice in data/webshop/, see its
 README). `items_shuffle*.json` holds the products, `items_ins_v2*.json` the attributes and the synthetic
@@ -50,8 +51,9 @@ Deviations from the original, all deliberate:
   and the same page; the original silently did nothing. Text after the closing "]" makes an action
   malformed; the verb may be in any case ("Click[...]") and the argument is stripped before matching.
 * An ASIN missing from the attribute file gets DUMMY_ATTR and no instruction instead of a KeyError. Not ported: images,
-  the html/text_rich observation modes, the Attributes page (show_attrs), num_products, filter_goals and
-  limit_goals, and weighted goal sampling (tasks are listed in order; weights stay in goal["weight"]).
+  the html observation mode, text_rich's whitespace (one string a line here), the Attributes page (show_attrs),
+  num_products, filter_goals and limit_goals, and weighted goal sampling (tasks are listed in order; weights stay in
+  goal["weight"]).
 """
 
 from __future__ import annotations
@@ -380,58 +382,80 @@ class WebShop:
         return self._goal(task)["category"]
 
     # ---- pages ----
-    def _page(self) -> tuple[list[str], list[str], dict]:
-        """The visible strings of the current page, its buttons (lowercase, page order), option -> group."""
+    def _page(self) -> tuple[list[tuple[str, str]], list[str], dict]:
+        """The visible strings of the current page, each with its kind (text, button, option or product: the rich
+        text marks the last three), its buttons (lowercase, page order), option -> group."""
         s, p = self.s, self.by_asin.get(self.s["asin"])
-        head = ["Instruction:", self.goal["instruction_text"]]
+        head = [("text", "Instruction:"), ("text", self.goal["instruction_text"])]
         if s["page"] == "search":
-            return ["WebShop", *head, "Search"], [], {}
+            return [("text", "WebShop"), *head, ("button", "Search")], [], {}
         if s["page"] == "done":
-            return ["Thank you for shopping with us!", "Your score (min 0.0, max 1.0)", str(s["reward"])], [], {}
-        texts, buttons, groups = [*head, "Back to Search"], [BACK], {}
+            return [("text", t) for t in ("Thank you for shopping with us!", "Your score (min 0.0, max 1.0)",
+                                          str(s["reward"]))], [], {}
+        items, buttons, groups = [*head, ("button", "Back to Search")], [BACK], {}
 
-        def button(text):
-            texts.append(text)
+        def button(text, kind="button"):
+            items.append((kind, text))
             if text.lower() not in buttons:
                 buttons.append(text.lower())
 
         if s["page"] == "results":
             n, k = len(s["hits"]), s["pageno"]
-            texts.append(f"Page {k} (Total results: {n})")
+            items.append(("text", f"Page {k} (Total results: {n})"))
             if k > 1:
                 button("< Prev")
             if k * PER_PAGE < n:
                 button("Next >")
             for i in s["hits"][(k - 1) * PER_PAGE : k * PER_PAGE]:
                 q = self.products[i]
-                button(q["asin"])
-                texts += [q["Title"], q["Price"]]
+                button(q["asin"], "product")
+                items += [("text", q["Title"]), ("text", q["Price"])]
         elif s["page"] == "item":
             button("< Prev")
             for name, values in p["options"].items():
-                texts.append(name)
+                items.append(("text", name))
                 for v in values:
-                    button(v)
+                    button(v, "option")
                     groups[v] = name  # a value shared by two groups selects the later one, as upstream
-            texts += [p["Title"], f"Price: {p['Price']}", "Rating: N.A."]
+            items += [("text", p["Title"]), ("text", f"Price: {p['Price']}"), ("text", "Rating: N.A.")]
             for b in ("Description", "Features", "Reviews", "Buy Now"):
                 button(b)
         else:  # a sub page: Description, Features or Reviews
             button("< Prev")
-            texts += {"description": [p["Description"]], "features": p["BulletPoints"], "reviews": []}[s["sub"]]
-        return [t.strip() for t in texts if t and t.strip()], buttons, groups
+            items += [("text", t) for t in {"description": [p["Description"]], "features": p["BulletPoints"],
+                                            "reviews": []}[s["sub"]]]
+        return [(kind, t.strip()) for kind, t in items if t and t.strip()], buttons, groups
+
+    def _rich(self, items: list[tuple[str, str]]) -> str:
+        """The page as the original's text_rich mode marks it, one string a line: buttons as "[button] X [button_]",
+        the options picked on this item and the products opened since the last search page as "[clicked button] X
+        [clicked button_]", and for each picked option a "You have clicked X." line on top (the original prepends them
+        one by one, so the last in page order comes first). The simple text hides both, so a student reading it
+        cannot see what it has already picked."""
+        picked, opened = set(self.s["options"].values()), self.s["asins"]
+        lines, notes = [], []
+        for kind, t in items:
+            clicked = kind == "option" and t in picked or kind == "product" and t.upper() in opened
+            if clicked and kind == "option":
+                notes.insert(0, f"You have clicked {t}.")
+            lines.append(t if kind == "text" else f"[clicked button] {t} [clicked button_]" if clicked
+                         else f"[button] {t} [button_]")
+        return "\n".join(notes + lines)
 
     def _observe(self, before: str = "", **kw) -> Step:
-        """The page as a Step: its text then one line of admissible actions (the compact observation), and apart."""
-        texts, buttons, _ = self._page()
-        scene = before + SEP.join(texts)
+        """The page as a Step: the compact observation is its simple text (the strings joined by [SEP]) then one line
+        of admissible actions; the scene (the paper prompt's) is its rich text (`_rich`), the actions apart."""
+        items, buttons, _ = self._page()
+        simple, scene = before + SEP.join(t for _, t in items), before + self._rich(items)
         if self.s["page"] == "done":
-            return Step(scene, scene=scene, task=self.goal["instruction_text"], **kw)
+            return Step(simple, scene=scene, task=self.goal["instruction_text"], **kw)
         acts = ["search[...]"] if self.s["page"] == "search" else [f"click[{b}]" for b in buttons]
-        return Step(f"{scene}\nactions: {', '.join(acts)}", scene=scene, actions=acts, task=self.goal["instruction_text"], **kw)
+        return Step(f"{simple}\nactions: {', '.join(acts)}", scene=scene, actions=acts, task=self.goal["instruction_text"],
+                    **kw)
 
     def _new_state(self) -> dict:
-        return dict(page="search", hits=[], pageno=1, asin=None, options={}, sub=None, reward=0.0)
+        # asins: the products opened since the last search page (the original forgets them on Back to Search)
+        return dict(page="search", hits=[], pageno=1, asin=None, asins=set(), options={}, sub=None, reward=0.0)
 
     def reset(self, task: str) -> Step:
         self.goal, self.s = self._goal(task), self._new_state()
@@ -469,6 +493,7 @@ class WebShop:
             s["page"] = "item"
         elif s["page"] == "results":  # a product id
             s.update(page="item", asin=arg.upper(), options={})
+            s["asins"].add(s["asin"])
         elif arg in SUB_PAGES:  # checked before options, as upstream
             s.update(page="sub", sub=arg)
         elif arg in groups:
