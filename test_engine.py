@@ -149,3 +149,12 @@ def test_tis_cap_is_refused_where_there_is_no_sampled_token_to_reweight(tmp_path
     done = script("tcod.py", "--tis-cap", "2", "--estimator", "jsd", "--out", str(tmp_path / "run"))
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("error: --tis-cap 2.0") and not (tmp_path / "run").exists()
+
+
+def test_tis_cap_is_refused_with_the_turn_row_buffer(tmp_path):
+    import tcod
+
+    args = tcod.Args(tis_cap=2.0, update_from="buffer", turns_per_update=8, out=str(tmp_path / "run"), device="cpu")
+    with pytest.raises(ValueError, match="--tis-cap 2.0: the turn-row buffer keeps no sampler log-probs"):
+        tcod.main(args)
+    assert not (tmp_path / "run").exists()

@@ -233,6 +233,13 @@ def test_a_temperature_vllm_refuses_is_refused_before_any_model_loads(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_vllm_with_fsdp_is_refused_before_any_model_loads(tmp_path):
+    args = small_args(tmp_path, "tiny-student", "tiny-teacher", rollout="vllm", fsdp=True)
+    with pytest.raises(ValueError, match="--rollout vllm with --fsdp"):
+        tcod.main(args)
+    assert not (tmp_path / "run").exists()
+
+
 def test_sync_refuses_an_engine_that_kept_old_weights_or_samples_from_others(shipped, monkeypatch):
     """vLLM's reload_weights warns and keeps the old weights for the names it misses: sync raises; and `check`
     raises when the engine's log-probs are not the student's (another model's weights; a reload that did nothing)."""
