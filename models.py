@@ -35,12 +35,14 @@ MODELS = {
     "Qwen3-30B-A3B": "Qwen/Qwen3-30B-A3B-Instruct-2507",
 }
 # The tiny models (sft.py's recipes): the pair of the CPU demo, a teacher without recovery skill (-norec: trained on
-# expert states only), and the pair of the world where the source of each move must be recalled (-recall,
-# envs.TinyWorldRecall), which the 4 x 128 recipe does not learn (README). A -recall model only knows tinyworld-recall,
-# the others tinyworld. data/tiny ships TINY_SHIPPED; the others are built on first use (about 35 min each).
+# expert states only), the pair of the world where the source of each move must be recalled (-recall,
+# envs.TinyWorldRecall), which the 4 x 128 recipe does not learn (README), and the teachers of the world where one
+# detour changes every later observation (-drift, envs.TinyWorldDrift; repro.py pairs them with tiny-student). A
+# -recall model only knows tinyworld-recall (tiny_worlds). data/tiny ships TINY_SHIPPED; the others are built on first
+# use (35-80 min each on 2 cores).
 TINY = ("tiny-teacher", "tiny-student", "tiny-teacher-norec", "tiny-teacher-recall", "tiny-student-recall",
         "tiny-teacher-recall-norec", "tiny-teacher-drift", "tiny-student-drift", "tiny-teacher-drift-norec")
-TINY_SHIPPED = TINY[:3] + ("tiny-teacher-drift-norec",)
+TINY_SHIPPED = TINY[:3] + ("tiny-teacher-drift", "tiny-teacher-drift-norec")
 
 
 def tiny_env(name: str) -> str:
