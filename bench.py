@@ -229,6 +229,13 @@ def decode_model(layers: int, quick: bool, device: str, dtype: str):
     return Qwen2ForCausalLM(config).to(device=device, dtype=getattr(torch, dtype)).eval()
 
 
+def no_stop(decoder):
+    """A Decoder that never stops early: no chat end token (eos=-1 at the call) and no generation config's end tokens
+    (rollout.stop_tokens), so every row decodes exactly the tokens asked (timings and references at a fixed length)."""
+    decoder.generation_config = None
+    return decoder
+
+
 def decode_step_parts(model, decoder_cls, amp, rows: int, prompt: int, steps: int, vocab: int = 151_665) -> dict:
     """Seconds per decoding step of one reply of `steps` tokens for `rows` rows: model forward, sampling, and the
     rest (bookkeeping: ids to the host, eos checks, building the next input). The prompt's prefill is left out."""
@@ -247,8 +254,7 @@ def decode_step_parts(model, decoder_cls, amp, rows: int, prompt: int, steps: in
 
     g = torch.Generator().manual_seed(0)
     streams = [torch.randint(0, vocab, (prompt,), generator=g).tolist() for _ in range(rows)]
-    dec = Timed(model, vocab, torch.Generator().manual_seed(1))
-    dec.generation_config = None  # no stop token from the model's generation config either (rollout.stop_tokens)
+    dec = no_stop(Timed(model, vocab, torch.Generator().manual_seed(1)))
     with rollout.autocast(rollout.model_device(model), amp):
         _, total = timed(lambda: dec.reply(streams, eos=-1, temperature=1.0, max_new_tokens=steps))  # eos -1: never stops
     # reply samples `steps` tokens: the first from the prefill's logits, each next one after a one-token forward

@@ -108,12 +108,11 @@ class TinyWorld:
             return acts + [f"take {o}" for o, p in self.where.items() if p == self.here]
         return acts + [f"put {self.hand}"]
 
+    def _things_here(self) -> str:
+        return ", ".join(o for o, p in self.where.items() if p == self.here) or "nothing"
+
     def _observe(self, before: str = "") -> Step:
-        if self.here in self.closed:
-            seen = f"at {self.here}, closed."
-        else:
-            things = [o for o, p in self.where.items() if p == self.here]
-            seen = f"at {self.here}, you see {', '.join(things) or 'nothing'}."
+        seen = f"at {self.here}, closed." if self.here in self.closed else f"at {self.here}, you see {self._things_here()}."
         o, p = self._next_goal()
         # What decides the action comes last, in a fixed shape, with "here" in place of the current location, so
         # that a tiny model reads the decision off fixed offsets instead of comparing place names.
@@ -225,8 +224,7 @@ class TinyWorldDrift(TinyWorld):
             return step
         o, p = self._next_goal()
         src = "hand" if self.hand == o else ("here" if self.where[o] == self.here else self.where[o])
-        things = [x for x, q in self.where.items() if q == self.here]
-        seen = f"at {self.here}: closed." if self.here in self.closed else f"you see {', '.join(things) or 'nothing'} at {self.here}."
+        seen = f"at {self.here}: closed." if self.here in self.closed else f"you see {self._things_here()} at {self.here}."
         scene = f"{before}hand: {self.hand or 'empty'}. {seen} Move {o} to {'here' if p == self.here else p} from {src}."
         return Step(f"{scene} actions: {', '.join(step.actions)}.", scene=scene, actions=step.actions)
 

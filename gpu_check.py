@@ -215,7 +215,7 @@ def decoding(model, vocab: int, shapes: Shapes, bandwidth_gbs: float, amp) -> li
 
         def ours():
             with autocast(device, amp):
-                return no_stop(Decoder(model, vocab, torch.Generator().manual_seed(1))).reply(streams, eos=-1, temperature=1.0, max_new_tokens=n)
+                return bench.no_stop(Decoder(model, vocab, torch.Generator().manual_seed(1))).reply(streams, eos=-1, temperature=1.0, max_new_tokens=n)
 
         def theirs():
             ids = torch.tensor(streams, device=device)
@@ -330,13 +330,6 @@ def sampler_check(model, vocab: int, draws: int, rows: int, temperature: float =
             "power_p": chi_square_p(counts, expect(temperature * 1.05) * counts.sum() / draws)[1]}
 
 
-def no_stop(decoder: Decoder) -> Decoder:
-    """A Decoder that never stops early: no chat end token (eos=-1 at the call) and no generation config's end tokens
-    (rollout.stop_tokens), so every row decodes exactly the tokens asked, as the references do."""
-    decoder.generation_config = None
-    return decoder
-
-
 def greedy_uncached(model, stream: list[int], vocab: int, steps: int, amp) -> list[int]:
     """The reference: a full forward over the row's whole stream for every token, no cache, no padding."""
     device, ids = model_device(model), list(stream)
@@ -361,7 +354,7 @@ def greedy_check(model, vocab: int, rows: int, steps: int, decoder=Decoder) -> d
     out = {}
     for name, amp in (("float32", None), ("bf16-mixed", torch.bfloat16)):
         with autocast(model_device(model), amp):
-            cached = no_stop(decoder(model, vocab, torch.Generator().manual_seed(0))).reply(streams, eos=-1, temperature=0, max_new_tokens=steps)
+            cached = bench.no_stop(decoder(model, vocab, torch.Generator().manual_seed(0))).reply(streams, eos=-1, temperature=0, max_new_tokens=steps)
         out[name] = (cached, [greedy_uncached(model, s, vocab, steps, amp) for s in streams])
     return {"float32": agreement(*out["float32"]), "bf16-mixed": agreement(*out["bf16-mixed"]),
             "bf16-mixed cached vs float32 uncached": agreement(out["bf16-mixed"][0], out["float32"][1]), "tokens": steps}
