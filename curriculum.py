@@ -95,14 +95,12 @@ class Curriculum:
         return depth(n, self.k_start, self.eta)
 
     def plan(self, n: int, demo_len: int | None) -> Plan:
-        """The episode plan at step n for a task whose demonstration has demo_len actions (None: no demo)."""
+        """The episode plan at step n for a task whose demonstration has demo_len actions (None: none)."""
         k = self.depth(n)
         if k is None:
             return Plan(0, self.max_turns)
-        if self.name == "b2f":
-            if demo_len is None:
-                raise ValueError("B2F needs a demonstration for every training task")
-            return b2f_plan(k, demo_len, self.max_turns)
+        if self.name == "b2f":  # a task with no successful demonstration is played from scratch (tcod.py counts it)
+            return b2f_plan(k, demo_len, self.max_turns) if demo_len else Plan(0, self.max_turns)
         return f2b_plan(k, self.max_turns)
 
     def update(self, kl_by_turn: list[float | None]) -> None:

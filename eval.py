@@ -35,14 +35,21 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import tyro
 from tqdm import tqdm
 
 import cli
+import fsdp
+import models
+import preflight
 import rundir
 import rollout
-import tcod
-from envs import EnvPool, env_class, make_env
+import support
+import track
+import transcripts
+from curriculum import load_demos
+from dist import gather_episodes
+from envs import EnvPool, check_java, env_class, make_env
+from opd import episode_metrics, kl_metrics, score_episodes
 from prompts import default_style
 
 ORACLE = "oracle"
@@ -124,6 +131,34 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def during_training(step: int, train_episodes=(), *, student, teacher, chat, envs, env, tasks: list[str], batch: int,
+                    temperature: float, max_new_tokens: int, max_context: int, max_turns: int, think: bool, prompt: str,
+                    engine, seed: int, micro_batch: int, amp, dist, lead: bool, out: str, transcript_episodes: int) -> dict:
+    """A training run's evaluation (tcod.py, before training and at its intervals): the full horizon from scratch on
+    the held-out panel; the teacher also scores the episodes, so the KL by turn is seen where the curriculum never cut.
+    In an env with an expert (TinyWorld), also the teacher's support over the states the student visited, in the eval
+    episodes and in the step's training episodes (support.py). Returns the metrics row's eval_* fields."""
+    mine = dist.shard(tasks) if dist else tasks
+    with fsdp.gathered(student):  # --fsdp: every layer gathered once, for the eval rollout and its scoring
+        episodes = rollout.evaluate(student, chat, envs, env, mine, batch=batch, temperature=temperature,
+                                    max_new_tokens=max_new_tokens, think=think, prompt=prompt, engine=engine,
+                                    max_turns=max_turns, max_context=max_context, seed=seed, amp=amp,
+                                    desc=f"eval at step {step}" if lead else None)
+        scored = score_episodes(student, teacher, episodes, micro_batch, amp)
+    track.kill_point("eval", step)  # a test hook (TCOD_KILL_AT); nothing otherwise
+    episodes, kl_tokens = gather_episodes(dist, episodes, scored)
+    klm = kl_metrics(kl_tokens, len(episodes), max_turns)
+    if lead and transcript_episodes:
+        transcripts.write(os.path.join(out, "transcripts", f"eval-step-{step}.jsonl"), episodes, chat.tok, kl_tokens, transcript_episodes)
+    row = {**episode_metrics(episodes, "eval_"), **{f"eval_{k}": v for k, v in klm.items()}}
+    if lead and support.has_expert(env):
+        off = dict(teacher=teacher, chat=chat, env=env, max_turns=max_turns)
+        # seeded samples of 64 and 32 states: about 0.1 s each for the tiny teacher on one core
+        row |= support.off_path(episodes=episodes, prefix="eval_", max_states=64, **off)
+        row |= support.off_path(episodes=list(train_episodes), max_states=32, **off)
+    return row
+
+
 def play_demos(envs, env, tasks: list[str], max_turns: int) -> list[rollout.Episode]:
     """The oracle: each task's env-provided demonstration, played step by step, all tasks at once."""
     demos = [env.demo(t) or [] for t in tasks]
@@ -177,7 +212,7 @@ def check_args(args: Args) -> None:
             raise ValueError(f"--{flag.replace('_', '-')} {value!r}: {flag} must be an integer >= {low}")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise ValueError(f"--temperature {args.temperature!r}: must be finite and >= 0 (0: greedy)")
-    tcod.check_seed(args.seed)
+    preflight.check_seed(args.seed)
 
 
 def run_of(model: str) -> tuple[str, dict | None]:
@@ -220,18 +255,18 @@ def main(args: Args) -> dict:
     if run_args and args.env != run_args["env"]:
         print(f"note: {given.model} was trained on {run_args['env']}, evaluated here on {args.env}", file=sys.stderr)
     env_cls = env_class(args.env)
-    tiny = args.model in tcod.TINY or run_args.get("student") in tcod.TINY
+    tiny = args.model in models.TINY or run_args.get("student") in models.TINY
     if not oracle:
-        tcod.check_models(model_path, model_path)  # an unknown, empty or (offline) unobtainable model fails here, before anything loads
+        models.check_models(model_path, model_path)  # an unknown, empty or (offline) unobtainable model fails here, before anything loads
     splits = args.splits or env_cls.eval_splits
     bad = [s for s in splits if s not in env_cls.splits and s != "hard"]
     if bad:
         raise ValueError(f"{args.env} has splits {env_cls.splits} (and 'hard'), not {bad}")
     if "hard" in splits and args.demos is None:
         raise ValueError("--splits hard needs --demos FILE (a demos.json written by an earlier --samples run)")
-    hard = tcod.load_demos(args.demos, args.env)["hard"] if "hard" in splits else None
+    hard = load_demos(args.demos, args.env)["hard"] if "hard" in splits else None
     if args.env == "scienceworld":
-        tcod.check_java()
+        check_java()
     out = rundir.new_output_dir(args.out, os.path.join("runs", f"eval-{args.env}-{model_label(model_path, run_args or None)}"))
     max_new_tokens = args.max_new_tokens or (32 if tiny else 512)
     think = (not tiny) if args.think is None else args.think
@@ -240,15 +275,15 @@ def main(args: Args) -> dict:
     model = chat = None
     max_context = 1 << 30
     if not oracle:
-        chat = rollout.Chat(tcod.load_tokenizers(model_path, model_path))
-        model = tcod.load_model(tcod.resolve_model(model_path), rollout.precision(args.dtype, device)[1], device)  # inference: the teacher's dtype
+        chat = rollout.Chat(models.load_tokenizers(model_path, model_path))
+        model = models.load_model(models.resolve_model(model_path), rollout.precision(args.dtype, device)[1], device)  # inference: the teacher's dtype
         max_context = getattr(model.config, "max_position_embeddings", max_context)
-    max_prompt_tokens = (0 if args.env.startswith("tinyworld") else tcod.PAPER_MAX_PROMPT_TOKENS) if args.max_prompt_tokens is None else args.max_prompt_tokens
-    if max_prompt_tokens:  # as in training (tcod.stream_cap): a prompt of at most this, and one reply
+    max_prompt_tokens = (0 if args.env.startswith("tinyworld") else preflight.PAPER_MAX_PROMPT_TOKENS) if args.max_prompt_tokens is None else args.max_prompt_tokens
+    if max_prompt_tokens:  # as in training (preflight.stream_cap): a prompt of at most this, and one reply
         max_context = min(max_context, max_prompt_tokens + max_new_tokens)
     env_kwargs = {"data": args.env_data} if args.env_data else {}
     env = make_env(args.env, **env_kwargs)
-    envs = EnvPool(args.env, env_kwargs, tcod.default_workers(args.env) if args.env_workers is None else args.env_workers)
+    envs = EnvPool(args.env, env_kwargs, preflight.default_workers(args.env) if args.env_workers is None else args.env_workers)
     max_turns = args.max_turns or env_cls.max_turns
     used = {**vars(args), "splits": list(splits), "max_turns": max_turns, "max_new_tokens": max_new_tokens,
             "max_prompt_tokens": max_prompt_tokens,
@@ -300,4 +335,6 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
+    import tyro  # here, not at the top: tcod.py imports this module where tyro may not be installed (gpu_check.py)
+
     cli.run(lambda: main(tyro.cli(Args)))

@@ -71,7 +71,7 @@ def world() -> int:
 
 
 def check_args(args) -> None:
-    """--fsdp's own refusals, before any model loads (tcod.check_args calls this)."""
+    """--fsdp's own refusals, before any model loads (preflight.check_args calls this)."""
     if not args.fsdp:
         return
     if world() < 2:

@@ -16,7 +16,7 @@ real Qwen tokenizer): the sections, in the order they run,
   step      two training steps of `--student` <- `--teacher` on TinyWorld, as tcod.run takes them (rollout.rollout,
             opd.update; bf16-mixed, gradient checkpointing); the second is measured: rollout time and decode tokens/s,
             teacher scoring, update, and the peak of each phase (torch.cuda.max_memory_allocated) beside the memory
-            plan (tcod.memory_setting, memory.plan) at the longest stream played and at --max-context
+            plan (preflight.memory_setting, memory.plan) at the longest stream played and at --max-context
   decode    rollout.Decoder's tokens/s at each batch beside transformers' generate (same model, autocast, batch) and
             beside the floor: the bytes a decoding step must read (bf16 weight copies, KV cache) over the bandwidth;
             each step split into forward / sampling / bookkeeping (bench.decode_step_parts)
@@ -49,6 +49,7 @@ import memory
 import models
 import opd
 import rundir
+import preflight
 import tcod
 from curriculum import Plan
 from envs import EnvPool, make_env
@@ -138,7 +139,7 @@ def machine(device: str, copy_bytes: int) -> dict:
 
 
 def step_args(shapes: Shapes, device: str) -> tcod.Args:
-    """The tcod.Args of the run the step section takes, with the defaults tcod.resolve_args would fill."""
+    """The tcod.Args of the run the step section takes, with the defaults preflight.resolve_args would fill."""
     return tcod.Args(env="tinyworld", student=shapes.student, teacher=shapes.teacher, tasks_per_step=shapes.episodes,
                      max_new_tokens=shapes.max_new_tokens, max_turns=shapes.turns, max_context=shapes.max_context,
                      micro_batch=4, gradient_checkpointing=True, dtype="bf16-mixed", device=device, lr=1e-6,
@@ -149,7 +150,7 @@ def plan_figures(args: tcod.Args, context: int) -> dict:
     """The memory plan of exactly this run with every stream `context` tokens long: bytes per phase, as memory.needs
     adds them (always + the larger of rollout and update)."""
     s_cfg, t_cfg = models.model_config(args.student), models.model_config(args.teacher)
-    setting = replace(tcod.memory_setting(args, s_cfg, t_cfg), max_context=context)
+    setting = replace(preflight.memory_setting(args, s_cfg, t_cfg), max_context=context)
     items = [i for i in memory.plan(s_cfg, t_cfg, setting) if i.device == setting.student_device]
     by = {p: sum(i.bytes for i in items if i.phase == p) for p in ("always", "rollout", "update")}
     return {"context": context, "always": by["always"], "rollout": by["always"] + by["rollout"],

@@ -2,7 +2,7 @@
 
 Names a user can pass as --student / --teacher:
   - a short name (Qwen2.5-1.5B, Qwen3-4B, ...) -> its Hugging Face id (MODELS);
-  - tiny-student / tiny-teacher: the 1M-parameter CPU models built by sft.py;
+  - tiny-student / tiny-teacher: the 1M-parameter CPU models built by sft.py (shipped in data/tiny);
   - random:Qwen2.5-1.5B (or random:Qwen2.5-1.5B@2 for 2 layers): a randomly initialised model with the real
     configuration (REAL_CONFIGS) and the real Qwen tokenizer, built once under ~/.cache/tcod/random. Replies are
     noise, but shapes, time and memory are real, offline;
@@ -43,6 +43,20 @@ MODELS = {
 TINY = ("tiny-teacher", "tiny-student", "tiny-teacher-norec", "tiny-teacher-recall", "tiny-student-recall",
         "tiny-teacher-recall-norec", "tiny-teacher-drift", "tiny-student-drift", "tiny-teacher-drift-norec")
 TINY_SHIPPED = TINY[:3] + ("tiny-teacher-drift", "tiny-teacher-drift-norec")
+
+
+TINY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tiny")  # TINY_SHIPPED; sft.py builds each
+
+
+def tiny_model_dir(name: str) -> str:
+    """A tiny model's directory; one not built yet is named with the `sft.py tiny` command that builds it (sft.py
+    owns the recipes: tiny-ROLE[-recall|-drift][-norec] is --env E with --noise 0 for -norec)."""
+    path = os.path.join(TINY_DIR, name)
+    if not os.path.isdir(path):
+        norec = " --noise 0" if "-norec" in name else ""
+        raise ModelError(f"{name} is not built ({TINY_DIR} ships {', '.join(TINY_SHIPPED)}): `python sft.py tiny --env "
+                         f"{tiny_env(name)}{norec}` builds it (35-80 min on 2 cores)")
+    return path
 
 
 def tiny_env(name: str) -> str:
@@ -314,9 +328,7 @@ def resolve_model(name: str) -> str:
     if name in MODELS:
         return MODELS[name]
     if name in TINY:
-        import sft  # builds the tiny tokenizer and models on first use (cached)
-
-        return sft.tiny_model_dir(name)
+        return tiny_model_dir(name)
     if name.startswith("random:"):
         return random_model_dir(name)
     if os.path.isfile(name):
@@ -503,8 +515,7 @@ def size_warning(student: str, teacher: str) -> str | None:
 def check_models(student: str, teacher: str | None) -> str:
     """Before anything loads: the teacher (default: the family's), both names resolvable and obtainable. -> teacher."""
     picked, teacher = teacher is None, teacher or default_teacher(student)
-    names = [n for n in (student, teacher) if n not in TINY]
-    for name in names:  # local mistakes (bad path, unknown name) first, before asking the network
+    for name in (student, teacher):  # local mistakes (bad path, unknown name, a tiny model not built) first, before the network
         parse_random(name) if name.startswith("random:") else resolve_model(name)
     missing = []
     for role, name in (("student", student), ("teacher", teacher)):

@@ -13,6 +13,7 @@ import json
 import os
 import shlex
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -21,6 +22,7 @@ import torch
 
 import lora
 import memory
+from lock import acquire_lock
 
 # --------------------------------------------------------------------------------------------------
 # Checkpoints: written to a temp dir and renamed, so a kill at any moment leaves the last complete one.
@@ -367,6 +369,33 @@ def plan_start(out: str, resume: bool, new: dict, weights: dict) -> tuple[str, s
         raise ValueError(f"--steps {new['steps']}: the checkpoint in {out} is already at step {done}; allowed: >= {done}")
     check_weights(old, weights, out)
     return mode, ckpt, changed
+
+
+def take(out: str, mode: str, args_json: dict, force: bool, locks: list) -> None:
+    """The lead process makes a checked directory (plan_start's mode) its run's: takes the lock (appended to `locks`,
+    which the caller releases however the run ends), moves a restarted run's files aside, and for a run that starts
+    writes an empty metrics file and args.json before the models load: a kill from then on leaves a 'started' run,
+    which starts again."""
+    locks.append(acquire_lock(out, force))
+    if mode == "restart":  # started, never checkpointed: nothing to resume from, so start again at step 0
+        moved = move_aside(out)
+        print(f"{out}: a run that started but saved no checkpoint; starting it again from step 0"
+              + (f" (its files moved to {', '.join(moved)})" if moved else ""), file=sys.stderr)
+    if mode != "resume":
+        open(os.path.join(out, "metrics.jsonl"), "w").close()
+        write_json(os.path.join(out, "args.json"), args_json)
+
+
+def resumed(out: str, step: int, changed: dict, args_json: dict) -> None:
+    """A resume that loaded its checkpoint (at `step`) can start: only now does the run change. Rows past the
+    checkpoint belong to steps that will run again: dropped, so each step appears once. Flags the resume changed
+    (RESUME_FREE only) are recorded in resumes.jsonl, and args.json describes the run as it now goes on."""
+    keep_rows_before(os.path.join(out, "metrics.jsonl"), step)
+    if changed:
+        with open(os.path.join(out, "resumes.jsonl"), "a") as f:
+            f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "changed": changed}) + "\n")
+        print(f"--resume: changed {changed} (recorded in {out}/resumes.jsonl)", file=sys.stderr)
+    write_json(os.path.join(out, "args.json"), args_json)
 
 
 def write_json(path: str, data) -> None:

@@ -35,7 +35,6 @@ from rollout import Chat, Episode, evaluate, precision, trained_turns
 from envs import EnvPool, TinyWorld, make_env
 from prompts import Prompter, default_style, first_prompt, format_reply, turn_prompt
 
-TINY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tiny")  # shipped; rebuilt by this file
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
@@ -73,7 +72,7 @@ class BaselineArgs:
 class Args:
     force: bool = False
     """rebuild the tiny tokenizer and models even if they exist"""
-    out: str = TINY_DIR
+    out: str = models.TINY_DIR
     """where the tiny tokenizer and models go"""
     seed: int = 0
     """seeds the demonstrations, the initialization and the data order"""
@@ -302,26 +301,8 @@ def build_tiny(args: Args) -> None:
     print(f"tiny models built in {time.time() - t0:.0f}s under {args.out}")
 
 
-def tiny_recipe(name: str) -> tuple[str, Args]:
-    """A tiny model's directory in data/tiny and the `sft.py tiny` settings that build it (models.TINY names them):
-    tiny-ROLE[-recall|-drift][-norec], see recipe_suffix."""
-    recipe = name.removeprefix("tiny-").partition("-")[2]
-    env = next((e for e in ("tinyworld-recall", "tinyworld-drift") if e.split("-")[1] in recipe), "tinyworld")
-    settings = {"env": env, "noise": 0.0 if "norec" in recipe else 0.2}
-    return os.path.join(TINY_DIR, name), Args(**settings)
-
-
-def tiny_model_dir(name: str) -> str:
-    """The directory of a tiny model (shipped in data/; rebuilt here if it is missing)."""
-    path, recipe = tiny_recipe(name)
-    if not os.path.isdir(path):
-        print(f"{path} is missing: building it (python sft.py tiny --force [--env E] [--noise N] does the same)")
-        build_tiny(recipe)
-    return path
-
-
 if __name__ == "__main__":
-    import tyro  # only for the command line: models.py imports this module for the tiny models
+    import tyro  # only for the command line
 
     args = tyro.extras.subcommand_cli_from_dict({"baseline": BaselineArgs, "tiny": Args})
     if isinstance(args, BaselineArgs):

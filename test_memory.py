@@ -14,6 +14,8 @@ from transformers import (
 )
 
 import memory
+import models
+import rundir
 import tcod
 
 GiB = memory.GiB
@@ -233,7 +235,7 @@ def test_save_is_refused_when_the_disk_is_too_small(tmp_path, monkeypatch):
     from curriculum import Curriculum
     from transformers import AutoTokenizer
 
-    path = sft.tiny_model_dir("tiny-student")
+    path = models.tiny_model_dir("tiny-student")
     model = tcod.load_model(path, "float32", "cpu")
     tok = AutoTokenizer.from_pretrained(path)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -251,7 +253,7 @@ def test_save_is_refused_when_the_disk_is_too_small(tmp_path, monkeypatch):
     monkeypatch.setattr(memory.shutil, "disk_usage", lambda p: usage._replace(free=need - 1))
     with pytest.raises(OSError, match="not enough disk space .* GB needed on the filesystem of"):
         tcod.save_checkpoint(str(tmp_path), model, tok, opt, cur, 2)
-    assert tcod.last_checkpoint(str(tmp_path)).endswith("ckpt")  # the previous checkpoint is untouched
+    assert rundir.last_checkpoint(str(tmp_path)).endswith("ckpt")  # the previous checkpoint is untouched
     assert torch.load(tmp_path / "ckpt" / "trainer.pt", weights_only=False)["step"] == 1
 
 

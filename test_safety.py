@@ -23,6 +23,7 @@ import envs
 import lock
 import rundir
 import rollout
+import preflight
 import tcod
 from envs import AlfWorld, TinyWorld
 from test_tcod import chat, make_model, model_dirs, small_args, tok  # noqa: F401  (fixtures)
@@ -457,5 +458,5 @@ def test_tiny_models_are_refused_outside_their_worlds_and_the_student_plays_the_
         tcod.resolve_args(tcod.Args(student="tiny-student", teacher="tiny-teacher-recall"))
     with pytest.raises(ValueError, match="tiny-student only knows tinyworld and tinyworld-drift"):
         tcod.resolve_args(tcod.Args(env="tinyworld-recall", student="tiny-student", teacher="tiny-teacher-recall"))
-    tcod.check_args(tcod.resolve_args(tcod.Args(env="tinyworld-drift", student="tiny-student",
+    preflight.check_args(tcod.resolve_args(tcod.Args(env="tinyworld-drift", student="tiny-student",
                                                 teacher="tiny-teacher-drift-norec")))

@@ -91,7 +91,7 @@ def test_perturbed_prefix_is_seeded_and_valid():
 def test_data_tiny_ships_exactly_the_listed_models():
     import sft
 
-    assert sorted(os.listdir(sft.TINY_DIR)) == sorted(models.TINY_SHIPPED)
+    assert sorted(os.listdir(models.TINY_DIR)) == sorted(models.TINY_SHIPPED)
 
 
 @pytest.mark.parametrize("name", models.TINY_SHIPPED)
@@ -101,12 +101,12 @@ def test_each_shipped_tiny_model_has_the_tiny_shape_and_the_shared_tokenizer(nam
     import sft
     from transformers import AutoTokenizer
 
-    path = os.path.join(sft.TINY_DIR, name)
+    path = os.path.join(models.TINY_DIR, name)
     assert os.path.isfile(os.path.join(path, "model.safetensors")), f"{name} is not shipped in data/tiny"
     assert sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)) < 8e6
     model = models.load_model(path, "float32", "cpu")
     assert (model.config.hidden_size, model.config.num_hidden_layers, model.config.vocab_size) == (128, 4, 492)
     assert sum(p.numel() for p in model.parameters()) == 1_048_192
-    tok, ref = AutoTokenizer.from_pretrained(path), AutoTokenizer.from_pretrained(os.path.join(sft.TINY_DIR, "tiny-teacher"))
+    tok, ref = AutoTokenizer.from_pretrained(path), AutoTokenizer.from_pretrained(os.path.join(models.TINY_DIR, "tiny-teacher"))
     models.check_same_tokenizer(tok, ref)  # raises, naming the difference
     assert tok.get_vocab() == ref.get_vocab() and tok.chat_template == ref.chat_template
