@@ -353,6 +353,36 @@ def episode_metrics(episodes: list[Episode], prefix: str = "") -> dict:
 
 
 
+def step_metrics(n: int, k: int | None, max_turns: int, episodes, klm: dict, step_update: dict, no_demo: int, buffer,
+             times: tuple[float, float, float]) -> dict:
+    """Training step n's metrics row (docs/metrics.md), before its eval fields and the whole step's time: the depth used,
+    the episodes, their KL (kl_metrics), the update's outcome (`step_update`: from update or buffer.update), throughput."""
+    t0, t1, t2 = times
+    return {
+        "step": n,
+        "k": min(k, max_turns) if k is not None else max_turns,  # the depth used: capped at T_max
+        "episodes": len(episodes),
+        "prefix": sum(e.prefix for e in episodes) / len(episodes),
+        "replay_done": sum(e.replay_done for e in episodes),
+        "replay_refused": sum(e.replay_refused for e in episodes),
+        "no_demo": no_demo,
+        **klm,
+        **episode_metrics(episodes),
+        "loss": step_update["loss"],
+        "grad_norm": step_update["grad_norm"],
+        "skipped": step_update["skipped"],
+        "updates": step_update["updates"],
+        # the rollout engine's log p vs the update's (None under --update-from buffer: its rows keep none)
+        "sampler_logp_diff": step_update.get("sampler_logp_diff"),
+        "sampler_ratio_out": step_update.get("sampler_ratio_out"),
+        **({"buffer_rows": len(buffer)} if buffer is not None else {}),
+        # decoding alone (the sampling passes), and the whole step (env resets, B2F replay, scoring, update)
+        "decode_tokens_per_s": sum(e.reply_tokens for e in episodes) / max(max(e.decode_seconds for e in episodes), 1e-9),
+        "time_rollout": t1 - t0,
+        "time_update": t2 - t1,
+    }
+
+
 def default_aggregation(env: str, curriculum: str) -> str:
     """The authors' ALFWorld F2B config normalizes per response ("prevent length collapse"); their other configs that
     we could read, and our default elsewhere, average over all tokens."""

@@ -21,7 +21,7 @@ import models
 import track
 from curriculum import check_demos_cover
 from envs import check_java, env_class
-from models import TINY, check_models, tiny_worlds
+from models import TINY, check_models, default_teacher, tiny_worlds
 from opd import default_aggregation
 from prompts import Prompter, default_style
 from rollout import precision
@@ -47,11 +47,11 @@ def resolve_args(args: Args) -> Args:
     if args.env_data is not None and args.env not in ("alfworld", "webshop"):
         raise ValueError(f"--env-data is for alfworld and webshop; {args.env} has no data directory to point at")
     tiny = args.student in TINY
-    args.teacher = check_models(args.student, args.teacher)  # the default teacher; unknown or unobtainable models fail here
-    for name in (args.student, args.teacher):
-        if (name in TINY or tiny) and args.env not in tiny_worlds(name):
+    for name in (args.student, args.teacher or (default_teacher(args.student) if tiny else None)):
+        if name is not None and (name in TINY or tiny) and args.env not in tiny_worlds(name):
             raise ValueError(f"{name} only knows {' and '.join(tiny_worlds(name))} (got --env {args.env}); the tiny models "
                              "know their own worlds only: pass real --student/--teacher models for the benchmarks")
+    args.teacher = check_models(args.student, args.teacher)  # the default teacher; unknown, unbuilt or unobtainable models fail here
     if args.demos and args.curriculum != "b2f":
         raise ValueError(f"--demos is for --curriculum b2f (got {args.curriculum})")
     defaults = {

@@ -22,7 +22,6 @@ import os
 import random
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
@@ -43,7 +42,7 @@ from envs import EnvPool, eval_panel, make_env
 from eval import during_training
 from lock import release_lock
 from models import load_model, load_tokenizers, resolve_model, size_warning
-from opd import UpdateConfig, default_aggregation, episode_metrics, kl_metrics, update
+from opd import UpdateConfig, default_aggregation, kl_metrics, step_metrics, update
 from preflight import check_tasks, memory_plan, resolve_args, stream_cap
 from rollout import Chat, precision, rollout
 from rundir import PER_INVOCATION, append_metrics, check_weights, plan_start, read_run_args, save_checkpoint, write_json
@@ -265,69 +264,6 @@ def trainer_state(args: Args, student, ckpt: str | None):
     return optimizer, Curriculum.from_state_dict(state["curriculum"]), buffer, state["step"], state.get("bad_in_a_row", 0)
 
 
-def start_engine(args: Args, student, ckpt: str | None, vocab: int, amp, memory_share: float | None):
-    """--rollout vllm: an engine from the weights the student was loaded from, in the precision its forwards run in."""
-    from vllm_engine import VLLMEngine
-
-    loaded_from = plain = ckpt or resolve_model(args.student)
-    while lora.is_lora_checkpoint(plain):  # an adapter is no model for vLLM: start from its base, then sync
-        plain = resolve_model(lora.base_of(plain))
-    engine = VLLMEngine(plain, vocab, args.device, dtype="bfloat16" if amp else "float32", seed=args.seed,
-                        memory=memory_share, sleep=args.vllm_sleep, max_seqs=args.tasks_per_step)
-    if plain != loaded_from:
-        engine.sync(student)  # base + adapter, merged
-    else:
-        engine.check(student)  # it samples from the weights the student was loaded with
-    return engine
-
-
-def step_row(n: int, k: int | None, max_turns: int, episodes, klm: dict, step_update: dict, no_demo: int, buffer,
-             times: tuple[float, float, float]) -> dict:
-    """Step n's metrics row (README: Metrics), before its eval fields and the whole step's time."""
-    t0, t1, t2 = times
-    return {
-        "step": n,
-        "k": min(k, max_turns) if k is not None else max_turns,  # the depth used: capped at T_max
-        "episodes": len(episodes),
-        "prefix": sum(e.prefix for e in episodes) / len(episodes),
-        "replay_done": sum(e.replay_done for e in episodes),
-        "replay_refused": sum(e.replay_refused for e in episodes),
-        "no_demo": no_demo,
-        **klm,
-        **episode_metrics(episodes),
-        "loss": step_update["loss"],
-        "grad_norm": step_update["grad_norm"],
-        "skipped": step_update["skipped"],
-        "updates": step_update["updates"],
-        # the rollout engine's log p vs the update's (None under --update-from buffer: its rows keep none)
-        "sampler_logp_diff": step_update.get("sampler_logp_diff"),
-        "sampler_ratio_out": step_update.get("sampler_ratio_out"),
-        **({"buffer_rows": len(buffer)} if buffer is not None else {}),
-        # decoding alone (the sampling passes), and the whole step (env resets, B2F replay, scoring, update)
-        "decode_tokens_per_s": sum(e.reply_tokens for e in episodes) / max(max(e.decode_seconds for e in episodes), 1e-9),
-        "time_rollout": t1 - t0,
-        "time_update": t2 - t1,
-    }
-
-
-def finish(out: str, tracker, row: dict) -> None:
-    """The lead process, after the last step: the curves figure, the tracker closed, the last row printed."""
-    try:
-        import plot
-
-        curves = plot.plot_runs([out], os.path.join(out, "curves.png"))
-        if tracker:
-            tracker.figures([curves] + [os.path.splitext(curves)[0] + f"-{kind}.png" for kind in ("heatmap", "telemetry")])
-    except ImportError as e:  # matplotlib is optional
-        print(f"no plot: {e}")
-    except Exception as e:  # a full disk or a plotting bug must not turn a finished run into a failure
-        warnings.warn(f"the final plot failed ({type(e).__name__}: {e}); the run finished and is saved in {out}: "
-                      f"plot it later with `python plot.py {out}`")
-    if tracker:
-        tracker.close()
-    print(json.dumps({k: v for k, v in row.items() if not isinstance(v, list)}, indent=1))
-
-
 def main(args: Args) -> dict:
     """Train; the output directory's lock is released however the run ends."""
     locks = []
@@ -374,7 +310,12 @@ def run(args: Args, locks: list) -> dict:
     if ckpt and lead:
         rundir.resumed(args.out, start, changed, asdict(args) | {"weights": weights})
     envs = EnvPool(args.env, env_kwargs, args.env_workers, step_timeout=args.env_timeout)
-    engine = start_engine(args, student, ckpt, len(tok), amp, mem_plan["vllm_memory"]) if args.rollout == "vllm" else None
+    engine = None
+    if args.rollout == "vllm":  # from the weights the student was loaded from
+        from vllm_engine import start_engine
+
+        engine = start_engine(student, ckpt or resolve_model(args.student), len(tok), args.device, amp, args.seed,
+                              mem_plan["vllm_memory"], args.vllm_sleep, args.tasks_per_step)
     model_limit = min(getattr(m.config, "max_position_embeddings", 1 << 30) for m in (student, teacher))
     max_context, eval_context = (stream_cap(args, model_limit, r) for r in (args.max_new_tokens, args.eval_max_new_tokens))
     run_eval = functools.partial(
@@ -436,7 +377,7 @@ def run(args: Args, locks: list) -> dict:
         curriculum.update(klm["kl_by_turn"])  # the same gathered numbers on every rank: the same depth everywhere
         for skipped in step_update["outcomes"]:  # per optimizer step (a rollout with no student turn counts as one)
             bad_in_a_row = bad_in_a_row + 1 if skipped else 0
-        row = step_row(n, k, args.max_turns, episodes, klm, step_update, round(dist.sum(no_demo)) if dist else no_demo, buffer, (t0, t1, t2))
+        row = step_metrics(n, k, args.max_turns, episodes, klm, step_update, round(dist.sum(no_demo)) if dist else no_demo, buffer, (t0, t1, t2))
         last = n + 1 == args.steps
         if args.eval and (last or (args.eval_every and (n + 1) % args.eval_every == 0)):
             t_eval = time.time()
@@ -463,7 +404,8 @@ def run(args: Args, locks: list) -> dict:
     envs.close()
     env.close()
     if lead:
-        finish(args.out, tracker, row)
+        track.finish(args.out, tracker)
+        print(json.dumps({k: v for k, v in row.items() if not isinstance(v, list)}, indent=1))
     if engine is not None:
         engine.close()  # first: vLLM's groups are cut from ours, and closing it destroys both
     if dist and dist.td.is_initialized():

@@ -370,3 +370,61 @@ def test_qwen3_history_keeps_reasoning_for_student_and_teacher_alike(qwen3):
     assert s_stream == t_stream
     assert "The mug must be clean first." in student_tok.decode(s_stream)
     assert "The mug must be clean first." not in student_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+
+
+def project_imports(path: str, top_level_only: bool) -> set[str]:
+    """The project modules a file imports (its module-level statements only, or anywhere, functions included)."""
+    import ast
+    import glob
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    mods = {os.path.splitext(os.path.basename(f))[0] for f in glob.glob(os.path.join(here, "*.py"))}
+    tree = ast.parse(open(path).read())
+    found = set()
+    for node in tree.body if top_level_only else ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found & mods
+
+
+def test_no_module_imports_in_a_circle_and_models_never_imports_sft():
+    """The modules' import graph is a layering (no circle: a module never needs one that needs it), and models.py
+    locates the tiny models without importing sft.py, which builds them (sft.py imports models.py)."""
+    import glob
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    graph = {os.path.splitext(os.path.basename(f))[0]: project_imports(f, top_level_only=True)
+             for f in glob.glob(os.path.join(here, "*.py"))}
+    done, active = set(), []
+
+    def visit(m):
+        assert m not in active, f"import circle: {' -> '.join(active[active.index(m):] + [m])}"
+        if m not in done:
+            active.append(m)
+            for d in sorted(graph[m] - {m}):
+                visit(d)
+            active.pop()
+            done.add(m)
+
+    for m in sorted(graph):
+        visit(m)
+    assert {"tcod", "models", "sft", "preflight"} <= done  # the walk saw the modules
+    assert "sft" not in project_imports(os.path.join(here, "models.py"), top_level_only=False)
+    assert "models" in graph["sft"]
+
+
+@pytest.mark.parametrize("name", [n for n in models.TINY if n not in models.TINY_SHIPPED])
+def test_a_tiny_model_not_built_is_refused_with_the_sft_command_that_builds_it(name):
+    """resolve_model (run by check_models before anything loads) names `sft.py tiny` with the flags whose recipe
+    builds exactly this model: sft.recipe_suffix of those flags gives its name."""
+    import re
+
+    import sft
+
+    with pytest.raises(models.ModelError, match=f"{name} is not built") as e:
+        models.check_models(name, name.replace("student", "teacher"))
+    env, noise = re.search(r"`python sft\.py tiny --env (\S+?)( --noise 0)?` builds it", str(e.value)).groups()
+    role = "tiny-student" if name.startswith("tiny-student") else "tiny-teacher"
+    assert role + sft.recipe_suffix(env, 0.0 if noise else sft.Args().noise) == name

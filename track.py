@@ -149,6 +149,23 @@ class Tracker:
             self.tb.close()
 
 
+def finish(out: str, tracker: Tracker | None) -> None:
+    """A run's end (its lead process): the curves figure in <out> (plot.py), sent to the tracker, which is closed."""
+    try:
+        import plot
+
+        curves = plot.plot_runs([out], os.path.join(out, "curves.png"))
+        if tracker:
+            tracker.figures([curves] + [os.path.splitext(curves)[0] + f"-{kind}.png" for kind in ("heatmap", "telemetry")])
+    except ImportError as e:  # matplotlib is optional
+        print(f"no plot: {e}")
+    except Exception as e:  # a full disk or a plotting bug must not turn a finished run into a failure
+        warnings.warn(f"the final plot failed ({type(e).__name__}: {e}); the run finished and is saved in {out}: "
+                      f"plot it later with `python plot.py {out}`")
+    if tracker:
+        tracker.close()
+
+
 def replace_offline_runs(out: str) -> list[str]:
     """Move the offline W&B runs of earlier processes from <out>/wandb to <out>/wandb.replaced (kept, never deleted;
     `wandb sync <out>/wandb` no longer sees them); returns their new paths."""

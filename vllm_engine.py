@@ -167,6 +167,25 @@ def generation_config(model_dir: str):
         return GenerationConfig.from_model_config(AutoConfig.from_pretrained(model_dir))
 
 
+def start_engine(student, loaded_from: str, vocab: int, device: str, amp, seed: int, memory: float | None, sleep: bool,
+                 max_seqs: int) -> VLLMEngine:
+    """tcod.py's engine, for a student loaded from `loaded_from` (a model, a run's checkpoint or a LoRA adapter), in
+    the precision the student's forwards run in (amp: bf16 autocast)."""
+    import lora
+    from models import resolve_model
+
+    plain = loaded_from
+    while lora.is_lora_checkpoint(plain):  # an adapter is no model for vLLM: start from its base, then sync
+        plain = resolve_model(lora.base_of(plain))
+    engine = VLLMEngine(plain, vocab, device, dtype="bfloat16" if amp else "float32", seed=seed, memory=memory,
+                        sleep=sleep, max_seqs=max_seqs)
+    if plain != loaded_from:
+        engine.sync(student)  # base + adapter, merged
+    else:
+        engine.check(student)  # it samples from the weights the student was loaded with
+    return engine
+
+
 def student_state(model) -> dict:
     """The weights vLLM loads: a LoRA student's base + adapter merged, under the plain names the engine knows."""
     import lora
