@@ -1,5 +1,5 @@
-"""The paper's protocol: the settings where our defaults follow the paper and the authors' code (see the README's
-table "the paper's setting, and ours")."""
+"""The paper's protocol: the settings where our defaults follow the paper and the authors' code (see the table "the
+paper's setting, and ours" in docs/settings.md)."""
 
 from __future__ import annotations
 
@@ -251,11 +251,13 @@ def test_the_help_gives_the_schedule_as_the_code_runs_it(capsys):
     assert [depth(n - 1, 1, 2) for n in (1, 2, 3, 4, 5)] == [1 + n // 2 for n in (1, 2, 3, 4, 5)]  # the logged step is n - 1
 
 
-def test_the_readme_settings_table_says_what_the_code_does():
+def test_the_settings_table_the_readme_links_to_says_what_the_code_does():
     import models
     import prompts
 
-    text = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read()
+    here = os.path.dirname(os.path.abspath(__file__))
+    assert "(docs/settings.md#the-papers-setting-and-ours)" in open(os.path.join(here, "README.md")).read()
+    text = open(os.path.join(here, "docs", "settings.md")).read()
     table = text.split("## The paper's setting, and ours")[1].split("\n## ")[0]
     rows = {r.split("|")[1].strip(): r.split("|")[2:] for r in table.splitlines() if r.startswith("| ") and not r.startswith("| setting")}
     real = tcod.resolve_args(tcod.Args(env="alfworld", student="random:Qwen2.5-1.5B@2"))
