@@ -163,7 +163,7 @@ class TinyWorld:
 
 
 class TinyWorldRecall(TinyWorld):
-    """TinyWorld where early errors compound (the CPU reproduction's test of the paper's mechanism, README).
+    """TinyWorld where early errors compound (the CPU reproduction's test of the paper's mechanism, docs/reproduction.md).
 
     The first message lists where every object lies; later observations name the next move's object and destination
     but no longer where the object is. The source must be read from the first message, which stays true only while
@@ -206,7 +206,7 @@ class TinyWorldDrift(TinyWorld):
 
     Every word of the off-plan form is a whole word of the tiny tokenizer (test_envs). The first form ("off plan.
     wanted: apple to sink, now here. at shelf, ...") used words the tokenizer splits into single characters, and the
-    recovery-data teacher trained on it solved none of the held-out layouts (README)."""
+    recovery-data teacher trained on it solved none of the held-out layouts (docs/reproduction.md)."""
 
     name = "tinyworld-drift"
 

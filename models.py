@@ -36,7 +36,7 @@ MODELS = {
 }
 # The tiny models (sft.py's recipes): the pair of the CPU demo, a teacher without recovery skill (-norec: trained on
 # expert states only), the pair of the world where the source of each move must be recalled (-recall,
-# envs.TinyWorldRecall), which the 4 x 128 recipe does not learn (README), and the teachers of the world where one
+# envs.TinyWorldRecall), which the 4 x 128 recipe does not learn (docs/reproduction.md), and the teachers of the world where one
 # detour changes every later observation (-drift, envs.TinyWorldDrift; repro.py pairs them with tiny-student). A
 # -recall model only knows tinyworld-recall (tiny_worlds). data/tiny ships TINY_SHIPPED; the others are built on first
 # use (35-80 min each on 2 cores).

@@ -131,12 +131,14 @@ def finished(run: str) -> bool:
 
 
 def commit() -> str:
-    """The commit the code ran at, with '+changes' when the work tree differed from it."""
+    """The commit the code ran at, with '+changes' when its code or data differed from it (the summaries and figures
+    this script writes into tracked folders do not count)."""
     def git(*a):
         done = subprocess.run(["git", *a], capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
         return done.stdout.strip() if done.returncode == 0 else None
     head = git("rev-parse", "HEAD")
-    return "unknown" if head is None else head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", "*.py", "*.txt", "data")
+    return "unknown" if head is None else head + ("+changes" if changed else "")
 
 
 def train(cmd: list[str], run: str, summary_path: str) -> float | None:

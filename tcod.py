@@ -1,6 +1,8 @@
 """TCOD: Temporal Curriculum On-Policy Distillation for multi-turn LLM agents (arXiv 2604.24005).
 
-One training step n, the paper's step n + 1 (opd.py holds the update, buffer.py the update buffer, this file the loop):
+One training step n, the paper's step n + 1 (this file: the arguments and the loop, as the paper's Algorithm 1;
+preflight.py checks the arguments, rundir.py keeps the run directory, opd.py the update, buffer.py the update buffer,
+eval.py the evaluation):
   1. the student samples a multi-turn episode for each of `tasks_per_step` tasks (temperature 1.0), all
      episodes in one batch, one KV cache across turns; the curriculum (curriculum.py) decides how deep:
      F2B cuts the episode after k = k_start + (n + 1) // eta student turns (the paper's k_start + n // eta with

@@ -106,7 +106,7 @@ def test_paper_prompt_episode_is_one_token_stream_of_the_template(tok, chat, scr
 
 @pytest.mark.parametrize("style", ["paper", "compact"])
 def test_prompt_cost_counts_the_rollouts_stream(tok, chat, scripted, style):  # noqa: F811
-    """prompt_cost.py (the README's context-cost figures) counts exactly the tokens of the stream a rollout makes."""
+    """prompt_cost.py (the context-cost figures in docs/benchmarks.md) counts exactly the tokens of the stream a rollout makes."""
     import prompt_cost
 
     env, task = TinyWorld(), "train-3"
