@@ -38,8 +38,8 @@ MODELS = {
 # expert states only), the pair of the world where the source of each move must be recalled (-recall,
 # envs.TinyWorldRecall), which the 4 x 128 recipe does not learn (docs/reproduction.md), and the teachers of the world where one
 # detour changes every later observation (-drift, envs.TinyWorldDrift; repro.py pairs them with tiny-student). A
-# -recall model only knows tinyworld-recall (tiny_worlds). data/tiny ships TINY_SHIPPED; the others are built on first
-# use (35-80 min each on 2 cores).
+# -recall model only knows tinyworld-recall (tiny_worlds). data/tiny ships TINY_SHIPPED; `python sft.py tiny` builds
+# the others (35-80 min each on 2 cores; tiny_model_dir names the command).
 TINY = ("tiny-teacher", "tiny-student", "tiny-teacher-norec", "tiny-teacher-recall", "tiny-student-recall",
         "tiny-teacher-recall-norec", "tiny-teacher-drift", "tiny-student-drift", "tiny-teacher-drift-norec")
 TINY_SHIPPED = TINY[:3] + ("tiny-teacher-drift", "tiny-teacher-drift-norec")

@@ -96,7 +96,7 @@ def test_data_tiny_ships_exactly_the_listed_models():
 
 @pytest.mark.parametrize("name", models.TINY_SHIPPED)
 def test_each_shipped_tiny_model_has_the_tiny_shape_and_the_shared_tokenizer(name):
-    """Each shipped tiny model (not rebuilt on first use: 35 min) is the 4 x 128 Qwen2 of sft.py's recipe (1.05 M
+    """Each shipped tiny model (not rebuilt here: 35 min each) is the 4 x 128 Qwen2 of sft.py's recipe (1.05 M
     parameters, a few MB) and has the tokenizer of the demo pair, so any two of them can be paired."""
     import sft
     from transformers import AutoTokenizer
