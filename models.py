@@ -70,7 +70,8 @@ def tiny_worlds(name: str) -> tuple[str, ...]:
     TinyWorld student)."""
     return ("tinyworld-recall",) if "-recall" in name else ("tinyworld", "tinyworld-drift")
 
-# The paper's teacher per family (and the tiny pair's).
+# The default teacher per family (and the tiny pair's): Qwen3's is the paper's; the paper's Qwen2.5 teacher, a
+# Qwen2.5-7B trained with GRPO on ALFWorld, was not released, so Qwen2.5-7B-Instruct (same shape) stands in for it.
 DEFAULT_TEACHERS = {"qwen2.5": "Qwen2.5-7B", "qwen3": "Qwen3-30B-A3B", "tiny": "tiny-teacher"}
 
 # Keyword arguments every apply_chat_template call needs for a family: the paper ran the Qwen3 models in
@@ -454,7 +455,7 @@ def family(name: str) -> str | None:
 
 
 def default_teacher(student: str) -> str:
-    """The paper's teacher for the student's family (a random: student gets the random teacher of the same layers)."""
+    """The default teacher for the student's family (a random: student gets the random teacher of the same layers)."""
     fam = family(student)
     if fam == "tiny":
         return student.replace("student", "teacher")  # tiny-student-recall <- tiny-teacher-recall
@@ -537,7 +538,10 @@ def unavailable_message(missing: list, student: str, picked: bool) -> str:
     def what(role: str, name: str) -> str:
         config = REAL_CONFIGS.get(name)  # the exact parameter count where known; else the name's
         size = n_params(config) / 1e9 if config else model_size(name)
-        why = (f"; the paper's teacher for {family(student)} students, picked as no --teacher was given" if role == "teacher" and picked else "")
+        whose = ("the paper's teacher" if family(student) == "qwen3" else
+                 "a stand-in for the paper's teacher, a GRPO-trained Qwen2.5-7B that was not released")
+        why = (f"; the default for {family(student)} students ({whose}), picked as no --teacher was given"
+               if role == "teacher" and picked else "")
         return f"the {role} {name!r} ({resolve_model(name)}{f', about {2 * size:.0f} GB in bf16' if size else ''}{why})"
 
     ids = [resolve_model(name) for _, name, _ in missing]

@@ -140,7 +140,8 @@ def test_offline_the_design_cards_command_names_both_models_and_one_command(tmp_
     msg = str(e.value)
     assert "\n" not in msg and "the student 'Qwen2.5-1.5B' (Qwen/Qwen2.5-1.5B-Instruct, about 3 GB" in msg
     assert "the teacher 'Qwen2.5-7B' (Qwen/Qwen2.5-7B-Instruct, about 15 GB" in msg
-    assert "the paper's teacher for qwen2.5 students, picked as no --teacher was given" in msg
+    assert ("the default for qwen2.5 students (a stand-in for the paper's teacher, a GRPO-trained Qwen2.5-7B that was not "
+            "released), picked as no --teacher was given") in msg
     assert "hf download Qwen/Qwen2.5-1.5B-Instruct && hf download Qwen/Qwen2.5-7B-Instruct" in msg
     # a teacher the user named is not explained, and a student that is at hand is not listed
     with pytest.raises(models.ModelUnavailable) as e:
