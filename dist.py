@@ -69,6 +69,13 @@ class Dist:
     def barrier(self) -> None:
         self.td.barrier()
 
+    def close(self) -> None:
+        """Tear the process group down once every rank is done with it: a rank that destroys Gloo while another still
+        talks to it can abort the other at exit ('terminate called without an active exception', seen in tests)."""
+        if self.td.is_initialized():
+            self.td.barrier()
+            self.td.destroy_process_group()
+
 
 def gather_episodes(dist: Dist | None, episodes: list, kl_tokens: list) -> tuple[list, list]:
     """All ranks' episodes and per-token KL, episode indices renumbered in rank order."""

@@ -410,8 +410,8 @@ def run(args: Args, locks: list) -> dict:
         print(json.dumps({k: v for k, v in row.items() if not isinstance(v, list)}, indent=1))
     if engine is not None:
         engine.close()  # first: vLLM's groups are cut from ours, and closing it destroys both
-    if dist and dist.td.is_initialized():
-        dist.td.destroy_process_group()
+    if dist:
+        dist.close()
     return row
 
 

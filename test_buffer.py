@@ -162,8 +162,7 @@ def rank_buffer(rank, world, port, student_dir, teacher_dir, rollouts, aggregati
     result = buffer_run(student_dir, teacher_dir, rollouts, aggregation, dist)
     if rank == 0:
         torch.save(result, out)
-    dist.td.barrier()  # neither rank tears gloo down while the other still uses it (an abort at exit otherwise)
-    dist.td.destroy_process_group()
+    dist.close()
 
 
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean"])

@@ -262,7 +262,7 @@ def rank_update(rank: int, world: int, port: int, student: str, teacher: str, ep
     result = one_update(student, teacher, episodes[rank::world], aggregation, dist, per_update)
     if rank == 0:
         torch.save(result, out)
-    dist.td.destroy_process_group()
+    dist.close()
 
 
 def one_update(student_dir, teacher_dir, episodes, aggregation, dist=None, per_update=0):

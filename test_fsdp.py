@@ -61,7 +61,7 @@ def rank_update(rank, world, port, student_dir, teacher_dir, rollouts, aggregati
     result = one_update(student, teacher, rollouts, aggregation, per_update, dist)
     if rank == 0:
         torch.save(result, out)
-    dist.td.destroy_process_group()
+    dist.close()
 
 
 @pytest.mark.parametrize("aggregation,per_update", [("token-mean", 0), ("seq-mean-token-mean", 5), ("token-mean", "buffer")])
