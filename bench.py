@@ -47,7 +47,8 @@ import rollout
 import opd
 import tcod
 from curriculum import Plan
-from envs import EnvPool, make_env
+from envpool import EnvPool
+from envs import make_env
 from prompts import default_style
 
 

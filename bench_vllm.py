@@ -26,7 +26,8 @@ import models
 import opd
 import rollout
 from curriculum import Plan
-from envs import EnvPool, TinyWorld
+from envpool import EnvPool
+from tinyworld import TinyWorld
 
 
 def smollm2_checkpoint(path: str) -> str:

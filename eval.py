@@ -48,7 +48,8 @@ import track
 import transcripts
 from curriculum import load_demos
 from dist import gather_episodes
-from envs import EnvPool, check_java, env_class, make_env
+from envpool import EnvPool
+from envs import check_java, env_class, make_env
 from opd import episode_metrics, kl_metrics, score_episodes
 from prompts import default_style
 

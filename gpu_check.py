@@ -52,7 +52,8 @@ import rundir
 import preflight
 import tcod
 from curriculum import Plan
-from envs import EnvPool, make_env
+from envpool import EnvPool
+from envs import make_env
 from prompts import default_style
 from rollout import Chat, Decoder, autocast, model_device, precision, rollout, trained_turns
 

@@ -36,8 +36,8 @@ MODELS = {
 }
 # The tiny models (sft.py's recipes): the pair of the CPU demo, a teacher without recovery skill (-norec: trained on
 # expert states only), the pair of the world where the source of each move must be recalled (-recall,
-# envs.TinyWorldRecall), which the 4 x 128 recipe does not learn (docs/reproduction.md), and the teachers of the world where one
-# detour changes every later observation (-drift, envs.TinyWorldDrift; repro.py pairs them with tiny-student). A
+# tinyworld.TinyWorldRecall), which the 4 x 128 recipe does not learn (docs/reproduction.md), and the teachers of the world where one
+# detour changes every later observation (-drift, tinyworld.TinyWorldDrift; repro.py pairs them with tiny-student). A
 # -recall model only knows tinyworld-recall (tiny_worlds). data/tiny ships TINY_SHIPPED; `python sft.py tiny` builds
 # the others (35-80 min each on 2 cores; tiny_model_dir names the command).
 TINY = ("tiny-teacher", "tiny-student", "tiny-teacher-norec", "tiny-teacher-recall", "tiny-student-recall",

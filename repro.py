@@ -1,6 +1,6 @@
 """The CPU reproduction of the paper's mechanism: vanilla OPD against TCOD-F2B and TCOD-B2F, with a teacher that has
 recovery skill and one that has not, in TinyWorld and in the world where one early error changes every later turn
-(envs.TinyWorldDrift), several seeds each, all with the tiny models.
+(tinyworld.TinyWorldDrift), several seeds each, all with the tiny models.
 
     python repro.py                      # the grid: 2 worlds x 2 teachers x 3 curricula x 5 seeds, 40 steps
     python repro.py --worlds tinyworld --teachers recovery --seeds 0 --jobs 1   # one cell, one seed

@@ -32,8 +32,10 @@ import cli
 import kl
 import models
 from rollout import Chat, Episode, evaluate, precision, trained_turns
-from envs import EnvPool, TinyWorld, make_env
+from envpool import EnvPool
+from envs import make_env
 from prompts import Prompter, default_style, first_prompt, format_reply, turn_prompt
+from tinyworld import TinyWorld
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"

@@ -150,7 +150,8 @@ class Args:
 
 def main(args: Args) -> dict:
     import models
-    from envs import EnvPool, make_env
+    from envpool import EnvPool
+    from envs import make_env
     from rollout import Chat
 
     env = make_env(args.env or models.tiny_env(args.teacher))

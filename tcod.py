@@ -40,7 +40,8 @@ import transcripts
 from buffer import TurnBuffer, update as update_from_buffer
 from curriculum import Curriculum, load_demos
 from dist import Dist, gather_episodes
-from envs import EnvPool, eval_panel, make_env
+from envpool import EnvPool
+from envs import eval_panel, make_env
 from eval import during_training
 from lock import release_lock
 from models import load_model, load_tokenizers, resolve_model, size_warning

@@ -10,8 +10,9 @@ import torch
 import models
 import rollout
 from curriculum import Plan
-from envs import EnvPool, TinyWorld
+from envpool import EnvPool
 from prompts import Prompter
+from tinyworld import TinyWorld
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,8 @@ import pytest
 
 import envs
 from envs import Step
-from envs import AlfWorld, EnvPool, ScienceWorld
+from envpool import EnvPool
+from envs import AlfWorld, ScienceWorld
 
 needs_alfworld = pytest.mark.skipif(importlib.util.find_spec("alfworld") is None, reason="alfworld not installed")
 needs_scienceworld = pytest.mark.skipif(
@@ -320,9 +321,9 @@ def test_scienceworld_demo_of_every_task_type(scienceworld):
 
 
 def test_tinyworld_recall_states_the_sources_once_then_hides_them():
-    """envs.TinyWorldRecall: the first message lists every object's place; later observations name the next move's
+    """tinyworld.TinyWorldRecall: the first message lists every object's place; later observations name the next move's
     object and destination but not where the object is; the same expert solves it in the same actions as TinyWorld."""
-    from envs import TinyWorld, TinyWorldRecall
+    from tinyworld import TinyWorld, TinyWorldRecall
 
     plain, recall = TinyWorld(), TinyWorldRecall()
     for task in recall.tasks("test")[:20]:
@@ -340,12 +341,12 @@ def test_tinyworld_recall_states_the_sources_once_then_hides_them():
 
 
 def test_tinyworld_drift_reads_as_tinyworld_until_the_first_detour_then_never_again():
-    """envs.TinyWorldDrift: on the expert's path every observation equals TinyWorld's; the first action that is not the
+    """tinyworld.TinyWorldDrift: on the expert's path every observation equals TinyWorld's; the first action that is not the
     expert's (valid or not) switches every later observation to the off-plan form, which names the same object, source
     and destination; the expert still solves every task from there within the horizon's slack it has."""
     import random
 
-    from envs import TinyWorld, TinyWorldDrift
+    from tinyworld import TinyWorld, TinyWorldDrift
 
     plain, drift = TinyWorld(), TinyWorldDrift()
     for task in drift.tasks("test")[:20]:

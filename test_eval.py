@@ -17,9 +17,10 @@ import sft
 import rollout
 import tcod
 from curriculum import Plan
-from envs import EnvPool, TinyWorld
+from envpool import EnvPool
 from test_faults import ScriptedDecoder, scripted  # noqa: F401  (fixture)
 from test_tcod import chat, model_dirs, small_args, tok  # noqa: F401  (fixtures)
+from tinyworld import TinyWorld
 
 
 def test_oracle_scores_every_tinyworld_task_and_types_add_up(tmp_path):

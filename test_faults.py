@@ -25,8 +25,10 @@ import rollout
 import opd
 import tcod
 from curriculum import Plan
-from envs import EnvPool, Step, TinyWorld
+from envpool import EnvPool
+from envs import Step
 from test_tcod import chat, make_model, model_dirs, play, small_args, tok  # noqa: F401  (fixtures)
+from tinyworld import TinyWorld
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -10,10 +10,12 @@ import pytest
 import rollout
 import tcod
 from curriculum import Plan
-from envs import EnvPool, Step, TinyWorld
+from envpool import EnvPool
+from envs import Step
 from prompts import NO_ACTION, Prompter, default_style, how_to_reply, refused
 from test_faults import scripted  # noqa: F401  (fixture)
 from test_tcod import chat, model_dirs, tok  # noqa: F401  (fixtures)
+from tinyworld import TinyWorld
 
 INSTR = TinyWorld.instructions
 

@@ -13,8 +13,9 @@ import torch
 import rollout
 import opd
 import tcod
-from envs import TinyWorld, eval_panel
+from envs import eval_panel
 from test_tcod import chat, tok  # noqa: F401  (fixtures)
+from tinyworld import TinyWorld
 
 
 def test_kl_by_turn_has_per_token_means_and_per_turn_sums():

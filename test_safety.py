@@ -25,8 +25,9 @@ import rundir
 import rollout
 import preflight
 import tcod
-from envs import AlfWorld, TinyWorld
+from envs import AlfWorld
 from test_tcod import chat, make_model, model_dirs, small_args, tok  # noqa: F401  (fixtures)
+from tinyworld import TinyWorld
 
 TINY = dict(student="tiny-student", teacher="tiny-teacher")
 

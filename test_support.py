@@ -10,7 +10,8 @@ import models
 import rollout
 import support
 from curriculum import Plan
-from envs import EnvPool, TinyWorld
+from envpool import EnvPool
+from tinyworld import TinyWorld
 
 
 @pytest.fixture(scope="module")

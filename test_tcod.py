@@ -19,8 +19,10 @@ import rollout
 import opd
 import tcod
 from curriculum import Curriculum, Plan, b2f_plan, depth, f2b_plan
-from envs import EnvPool, TinyWorld, make_env
+from envpool import EnvPool
+from envs import make_env
 from prompts import default_style, first_prompt, format_reply, parse_action
+from tinyworld import TinyWorld
 
 
 # --------------------------------------------------------------------------------------------------

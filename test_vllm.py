@@ -14,9 +14,10 @@ import opd  # noqa: E402
 import rollout  # noqa: E402
 import tcod  # noqa: E402
 from curriculum import Plan  # noqa: E402
-from envs import EnvPool, TinyWorld  # noqa: E402
+from envpool import EnvPool  # noqa: E402
 from prompts import Prompter  # noqa: E402
 from test_tcod import small_args  # noqa: E402
+from tinyworld import TinyWorld  # noqa: E402
 from vllm_engine import VLLMEngine  # noqa: E402
 
 pytestmark = pytest.mark.vllm
